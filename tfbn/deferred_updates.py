@@ -1,0 +1,195 @@
+"""UPDATE_OPS made explicit: collect moving-statistic updates, apply them by path.
+
+Outside a collector, a `tfbn.BatchNormalization` layer updates its moving
+statistics as soon as it is called in training mode, which is what
+`model.fit` expects. Inside ``with tfbn.deferred_updates() as updates:`` it
+records a `PendingUpdate` instead, and the caller decides which of them run:
+
+    with tfbn.deferred_updates() as updates:
+        with tf.GradientTape() as tape:
+            loss = loss_fn(model(x, training=True))
+        grads = tape.gradient(loss, head_vars)
+        optimizer.apply(grads, head_vars)
+        updates.apply(include=[r"head/"])   # the head's statistics move
+        updates.discard()                   # the backbone's stay frozen
+
+Leaving the block while updates are neither applied nor discarded raises
+`UnappliedUpdatesError`: TF1's silent "forgot the UPDATE_OPS" bug, made loud.
+
+The active collector is per thread, so each replica function that
+`tf.distribute` runs in its own thread opens its own collector.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+import threading
+from typing import Callable, Iterator, List, Optional, Sequence, Union
+
+Patterns = Union[None, str, Sequence[str]]
+
+
+class UnappliedUpdatesError(RuntimeError):
+    """Raised when a `deferred_updates` block ends with pending updates."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PendingUpdate:
+    """One recorded moving-statistics update of one layer call.
+
+    Attributes:
+        path: The layer's Keras path (e.g. ``"backbone/bn1"``), matched by the
+            include/exclude patterns.
+        layer: The layer that recorded the update.
+        apply_fn: Runs the update; returns the assign ops (graph mode) so they
+            can be used as control dependencies. It reads the moving
+            statistics when it runs, so updates of a layer called twice
+            compose in order.
+    """
+
+    path: str
+    layer: object
+    apply_fn: Callable[[], List[object]]
+
+
+_local = threading.local()
+
+
+def _stack() -> List["UpdateCollector"]:
+    if not hasattr(_local, "stack"):
+        _local.stack = []
+    return _local.stack
+
+
+def active_collector() -> Optional["UpdateCollector"]:
+    """The innermost open collector of this thread, or None."""
+    stack = _stack()
+    return stack[-1] if stack else None
+
+
+def _as_pattern_list(name: str, patterns: Patterns) -> Optional[List[str]]:
+    if patterns is None:
+        return None
+    if isinstance(patterns, str):
+        return [patterns]
+    if not all(isinstance(pattern, str) for pattern in patterns):
+        raise TypeError(
+            f"`{name}` must be a regex string or a list of them; received "
+            f"{patterns!r}. Example: {name}=[r'backbone/']."
+        )
+    return list(patterns)
+
+
+class UpdateCollector:
+    """The pending updates of one `deferred_updates()` block."""
+
+    def __init__(self):
+        self._pending: List[PendingUpdate] = []
+
+    @property
+    def pending(self) -> tuple:
+        """The updates recorded and not yet applied or discarded, in call order."""
+        return tuple(self._pending)
+
+    @property
+    def paths(self) -> List[str]:
+        """The layer paths of the pending updates, in call order (may repeat)."""
+        return [update.path for update in self._pending]
+
+    def record(self, update: PendingUpdate) -> None:
+        """Adds an update; called by layers, not by users."""
+        self._pending.append(update)
+
+    def _select(self, include: Patterns, exclude: Patterns) -> List[PendingUpdate]:
+        include_list = _as_pattern_list("include", include)
+        exclude_list = _as_pattern_list("exclude", exclude)
+        known = sorted(set(self.paths))
+        for name, patterns in (("include", include_list), ("exclude", exclude_list)):
+            for pattern in patterns or ():
+                if not any(re.match(pattern, path) for path in known):
+                    raise ValueError(
+                        f"{name} pattern {pattern!r} matches no pending update. "
+                        f"Pending layer paths: {known or 'none'}. Patterns are "
+                        "matched with re.match against the start of the path; "
+                        "fix the pattern or drop it."
+                    )
+
+        def selected(path: str) -> bool:
+            if include_list is not None and not any(
+                re.match(p, path) for p in include_list
+            ):
+                return False
+            return not any(re.match(p, path) for p in exclude_list or ())
+
+        return [update for update in self._pending if selected(update.path)]
+
+    def apply(self, include: Patterns = None, exclude: Patterns = None) -> list:
+        """Runs the selected pending updates in the order they were recorded.
+
+        Args:
+            include: Regex pattern(s); only updates of layers whose path
+                `re.match`es one of them run. None selects every update.
+            exclude: Regex pattern(s); updates of matching layers are skipped
+                (they stay pending).
+
+        Returns:
+            A list of the assign ops, suitable for `tf.control_dependencies`
+            (empty in eager mode, where the updates have already happened).
+
+        Raises:
+            ValueError: If a pattern matches no pending update (a typo must
+                not silently freeze or update the wrong layers).
+        """
+        chosen = self._select(include, exclude)
+        ops = []
+        for update in chosen:
+            ops.extend(op for op in update.apply_fn() if op is not None)
+        chosen_ids = {id(update) for update in chosen}
+        self._pending = [u for u in self._pending if id(u) not in chosen_ids]
+        return ops
+
+    def discard(self, include: Patterns = None, exclude: Patterns = None) -> None:
+        """Drops the selected pending updates without running them.
+
+        Args:
+            include: Regex pattern(s) selecting the updates to drop; None
+                selects every pending update.
+            exclude: Regex pattern(s) of updates to keep pending.
+
+        Raises:
+            ValueError: If a pattern matches no pending update.
+        """
+        chosen_ids = {id(update) for update in self._select(include, exclude)}
+        self._pending = [u for u in self._pending if id(u) not in chosen_ids]
+
+
+@contextlib.contextmanager
+def deferred_updates() -> Iterator[UpdateCollector]:
+    """Collects the moving-statistics updates of tfbn layers called in the block.
+
+    Works eagerly and while tracing a `tf.function` (the collector is a
+    trace-time Python object; apply the updates inside the same function).
+
+    Yields:
+        The `UpdateCollector` holding the pending updates.
+
+    Raises:
+        UnappliedUpdatesError: On leaving the block normally while updates are
+            still pending. Call `updates.apply()` or `updates.discard()`.
+    """
+    collector = UpdateCollector()
+    stack = _stack()
+    stack.append(collector)
+    try:
+        yield collector
+    finally:
+        stack.remove(collector)
+    if collector.pending:
+        raise UnappliedUpdatesError(
+            f"{len(collector.pending)} moving-statistics update(s) were "
+            f"recorded but neither applied nor discarded: {collector.paths}. "
+            "Inside the block, call updates.apply(include=...) for the layers "
+            "whose statistics should move and updates.discard() for the rest."
+        )
