@@ -50,9 +50,9 @@ def _shift(x: tf.Tensor, axes: Sequence[int]) -> tf.Tensor:
     summed (over at most one element) so that an empty batch gives 0 with the
     same shape instead of an empty tensor.
     """
-    begin = [0] * x.shape.rank
-    size = [1 if axis in axes else -1 for axis in range(x.shape.rank)]
-    first = tf.reduce_sum(tf.slice(x, begin, size), axis=axes, keepdims=True)
+    # Python slicing clamps to the size, so an empty axis gives an empty slice.
+    first_sample = x[tuple(slice(0, 1) if a in axes else slice(None) for a in range(x.shape.rank))]
+    first = tf.reduce_sum(first_sample, axis=axes, keepdims=True)
     return tf.stop_gradient(first)
 
 

@@ -186,8 +186,8 @@ class BatchNormalization(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.axis = axis if isinstance(axis, int) else list(axis)
         self._axes = _normalize_axes(axis)
+        self.axis = axis if isinstance(axis, int) else list(axis)
         self.momentum = _validate_momentum("momentum", momentum, allow_none=True)
         try:
             self.epsilon = float(epsilon)
@@ -283,6 +283,10 @@ class BatchNormalization(keras.layers.Layer):
         self._param_shape = shape
 
         def add(name, initializer, trainable, **extra):
+            # Statistics assigned in a replica context are averaged over the
+            # replicas, so every replica holds the same moving statistics
+            # (and, with local batch statistics, not only replica 0's).
+            aggregation = "none" if trainable else "mean"
             return self.add_weight(
                 shape=shape,
                 name=name,
@@ -290,6 +294,7 @@ class BatchNormalization(keras.layers.Layer):
                 trainable=trainable,
                 dtype="float32",
                 autocast=False,
+                aggregation=aggregation,
                 **extra,
             )
 
@@ -332,6 +337,7 @@ class BatchNormalization(keras.layers.Layer):
                 trainable=False,
                 dtype="int64",
                 autocast=False,
+                aggregation="only_first_replica",
             )
         self.input_spec = keras.layers.InputSpec(
             ndim=rank, axes={axis: input_shape[axis] for axis in axes}
@@ -527,7 +533,13 @@ class BatchNormalization(keras.layers.Layer):
 
         collector = active_collector()
         if collector is None:
-            apply_fn()
+            ops = apply_fn()
+            if not tf.executing_eagerly() and not tf.inside_function():
+                # A TF1-style graph runs only what is fetched: publish the
+                # update ops where TF1 code looks for them instead of letting
+                # them be silently dropped.
+                for op in ops:
+                    tf.compat.v1.add_to_collection(tf.compat.v1.GraphKeys.UPDATE_OPS, op)
         else:
             collector.record(PendingUpdate(path=self.path or self.name, layer=self, apply_fn=apply_fn))
 
