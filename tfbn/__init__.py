@@ -4,8 +4,11 @@ Public API:
     BatchNormalization: drop-in for `keras.layers.BatchNormalization`.
     deferred_updates: collect moving-statistics updates and apply them by
         layer path (TF1's UPDATE_OPS, made explicit and scope-aware).
+    compat.v1: graph-mode `batch_normalization` / `batch_norm` with
+        UPDATE_OPS, for TF1-style code on TF 2.x without tf_keras.
 """
 
+from tfbn import compat
 from tfbn.deferred_updates import (
     PendingUpdate,
     UnappliedUpdatesError,
@@ -19,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchNormalization",
     "PendingUpdate",
+    "compat",
     "UnappliedUpdatesError",
     "UpdateCollector",
     "deferred_updates",

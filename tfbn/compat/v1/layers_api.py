@@ -1,0 +1,198 @@
+"""`tfbn.compat.v1.batch_normalization`: `tf.compat.v1.layers.batch_normalization` without Keras 2.
+
+Under Keras 3 the stock function raises "`batch_normalization` is not
+available with Keras 3". This one keeps its signature, defaults, variable
+names (`batch_normalization/gamma`, `batch_normalization_1/...`) and its
+`UPDATE_OPS` contract, so TF1 graphs and checkpoints keep working on TF 2.21
+without `tf_keras`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import tensorflow as tf
+
+from tfbn.compat.v1 import _graph_bn
+
+_DEFAULT_NAME = "batch_normalization"
+
+
+def _fused_kernel_usable(rank, feature_axes, renorm, virtual_batch_size, adjustment) -> Optional[str]:
+    """None when TF1 could use `fused_batch_norm`, else the reason it could not."""
+    if rank != 4:
+        return f"the input has rank {rank}, not 4"
+    if feature_axes not in ([1], [3]):
+        return f"the feature axis is {feature_axes}, not 1 (NCHW) or 3 (NHWC)"
+    if renorm:
+        return "renorm=True"
+    if virtual_batch_size is not None:
+        return "virtual_batch_size is set"
+    if adjustment is not None:
+        return "adjustment is set"
+    return None
+
+
+def batch_normalization(
+    inputs,
+    axis=-1,
+    momentum=0.99,
+    epsilon=1e-3,
+    center=True,
+    scale=True,
+    beta_initializer=None,
+    gamma_initializer=None,
+    moving_mean_initializer=None,
+    moving_variance_initializer=None,
+    beta_regularizer=None,
+    gamma_regularizer=None,
+    beta_constraint=None,
+    gamma_constraint=None,
+    training=False,
+    trainable=True,
+    name=None,
+    reuse=None,
+    renorm=False,
+    renorm_clipping=None,
+    renorm_momentum=0.99,
+    fused=None,
+    virtual_batch_size=None,
+    adjustment: Optional[Callable] = None,
+    moving_variance_estimator: Optional[str] = None,
+    updates_collections=tf.compat.v1.GraphKeys.UPDATE_OPS,
+):
+    """Batch normalization in a `tf.compat.v1` graph, tf.layers style.
+
+    In training mode each feature is normalized with the batch mean and
+    (biased) variance, `gamma * (x - mean) / sqrt(var + epsilon) + beta`, and
+    one assign op per moving statistic is added to `UPDATE_OPS`, named
+    `<name scope>/AssignMovingAvg[_1]` so `get_collection(UPDATE_OPS, scope)`
+    selects one model's or one tower's updates. As in TF1 they only run if
+    the train op depends on them (see `minimize_with_updates`). In inference
+    mode the moving statistics are used and no update op is created.
+
+    Variables are created with `tf.compat.v1.get_variable` in the variable
+    scope `name` (default `batch_normalization`, made unique per scope as TF1
+    did: `batch_normalization_1`, ...): `gamma`, `beta` (trainable when
+    `trainable`), `moving_mean`, `moving_variance`. A TF1 checkpoint restores
+    with `tf.compat.v1.train.Saver`.
+
+    Moving variance convention: with `moving_variance_estimator=None` the
+    numbers are TF1's, which stored the Bessel-corrected (`n / (n - 1)`)
+    batch variance where it ran the fused kernel (4D input, axis 1 or 3,
+    `fused` not False, no renorm/virtual_batch_size/adjustment) and the
+    biased one elsewhere. Pass `"biased"` (Keras 3) or `"unbiased"` to choose.
+    The fused path also raises `epsilon` to at least 1.001e-5, as TF1's
+    kernel did. Training-mode outputs always use the biased batch variance.
+
+    Args:
+        inputs: Input tensor of known rank; float16/bfloat16/float32/float64.
+        axis: Feature axis (int) or list of axes; -1 for NHWC, 1 for NCHW.
+        momentum: Moving-average momentum, `moving = momentum * moving +
+            (1 - momentum) * batch`.
+        epsilon: Small float added to the variance.
+        center: Whether to add the offset `beta`.
+        scale: Whether to multiply by `gamma`.
+        beta_initializer: Initializer for beta (default zeros).
+        gamma_initializer: Initializer for gamma (default ones).
+        moving_mean_initializer: Initializer for the moving mean (zeros).
+        moving_variance_initializer: Initializer for the moving variance (ones).
+        beta_regularizer: Optional regularizer for beta.
+        gamma_regularizer: Optional regularizer for gamma.
+        beta_constraint: Optional constraint for beta (stored on the variable).
+        gamma_constraint: Optional constraint for gamma.
+        training: Python bool (or 0/1, NumPy bool) or a scalar `tf.bool`
+            tensor such as a placeholder. Fed False, the update ops leave the
+            moving statistics bit-identical. Default False, as in TF1.
+        trainable: Whether gamma and beta go to `TRAINABLE_VARIABLES`. As in
+            TF1 (unlike Keras 3) it does not change the mode.
+        name: Variable scope name; default `batch_normalization`, uniquified.
+        reuse: Whether to reuse the variables of a scope of the same name.
+        renorm: Batch renormalization is not available in the graph-mode API;
+            True raises (use `tfbn.BatchNormalization(renorm=True)`).
+        renorm_clipping: Only valid with renorm.
+        renorm_momentum: Only valid with renorm.
+        fused: None (TF1: fused when possible), True (raises where TF1's fused
+            kernel could not run), or False. Selects TF1's numbers only (the
+            variance estimator and the epsilon floor); the kernel is tfbn's.
+        virtual_batch_size: Ghost-batch size dividing the batch (tf.layers'
+            definition); the moving statistics get the mean of the ghost
+            statistics.
+        adjustment: tf.layers' `adjustment(tf.shape(inputs)) -> (scale,
+            bias)`, applied on top of gamma/beta in training only.
+        moving_variance_estimator: None (TF1's numbers, see above),
+            `"biased"` or `"unbiased"`.
+        updates_collections: Collection name (or list) for the update ops, or
+            None to force the updates through control dependencies on the
+            output.
+
+    Returns:
+        The output tensor, with the dtype and shape of `inputs`.
+
+    Raises:
+        ValueError: For an invalid argument, `fused=True` where TF1 could not
+            fuse, a variable that exists without `reuse`, or renorm.
+        TypeError: For a `training` value that is not a boolean.
+    """
+    if renorm or renorm_clipping is not None:
+        raise ValueError(
+            "`renorm=True` is not supported by tfbn.compat.v1.batch_normalization; "
+            f"received renorm={renorm!r}, renorm_clipping={renorm_clipping!r}. "
+            "Use the Keras layer tfbn.BatchNormalization(renorm=True) instead."
+        )
+    del renorm_momentum  # Only meaningful with renorm, which is rejected above.
+    inputs = tf.convert_to_tensor(inputs)
+    axes = _graph_bn.feature_axes_for(
+        inputs.shape.rank, [axis] if isinstance(axis, int) else list(axis)
+    )
+    if virtual_batch_size is not None:
+        if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int) or virtual_batch_size < 2:
+            raise ValueError(
+                f"`virtual_batch_size` must be an int >= 2 or None; received {virtual_batch_size!r}."
+            )
+        if 0 in axes:
+            raise ValueError(
+                f"`virtual_batch_size` splits the batch axis 0, which is in `axis`={axis!r}."
+            )
+    blocker = _fused_kernel_usable(inputs.shape.rank, axes, renorm, virtual_batch_size, adjustment)
+    if fused and blocker is not None:
+        raise ValueError(
+            f"`fused=True` is impossible here because {blocker} (TF1 raised too); "
+            "pass fused=None or fused=False."
+        )
+    fused_path = blocker is None and fused is not False
+    estimator = _graph_bn.resolve_variance_estimator(moving_variance_estimator, fused_path)
+    if fused_path:
+        epsilon = max(float(epsilon), _graph_bn.FUSED_MIN_EPSILON)
+
+    with tf.compat.v1.variable_scope(
+        name, default_name=_DEFAULT_NAME, values=[inputs], reuse=reuse
+    ):
+        variables = _graph_bn.create_variables(
+            _graph_bn.param_shape_for(inputs, axes),
+            scale=scale,
+            center=center,
+            initializers={
+                "gamma": gamma_initializer,
+                "beta": beta_initializer,
+                "moving_mean": moving_mean_initializer,
+                "moving_variance": moving_variance_initializer,
+            },
+            regularizers={"gamma": gamma_regularizer, "beta": beta_regularizer},
+            constraints={"gamma": gamma_constraint, "beta": beta_constraint},
+            trainable=trainable,
+            collections={},
+        )
+        outputs, updates = _graph_bn.normalize(
+            inputs,
+            variables,
+            feature_axes=axes,
+            epsilon=epsilon,
+            momentum=float(momentum),
+            training=training,
+            variance_estimator=estimator,
+            virtual_batch_size=virtual_batch_size,
+            adjustment=adjustment,
+        )
+        outputs = _graph_bn.register_updates(updates, outputs, updates_collections)
+        return tf.cast(outputs, inputs.dtype)
