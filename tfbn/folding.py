@@ -1,0 +1,215 @@
+"""Folds BN layers into the Conv/Dense layer before them, for inference.
+
+In inference mode a BN layer is the per-channel affine map `y = x * a + b`
+with `a = gamma / sqrt(moving_variance + epsilon)` and
+`b = beta - moving_mean * a`. When `x = conv(z) = W * z + c` comes straight
+from a linear Conv/Dense layer, the two compose into one layer with kernel
+`W * a` (scaled along the output channels) and bias `c * a + b`. A BN that
+cannot be folded (no such producer, an activation in between, a producer
+whose output feeds other layers too, shared layers, multi-axis BN) becomes a
+`ChannelAffine` layer with the same constants. Either way the folded model
+computes the original model's inference outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import List, Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfbn import _bn_layers
+
+_LOG = logging.getLogger(__name__)
+
+
+@keras.saving.register_keras_serializable(package="tfbn")
+class ChannelAffine(keras.layers.Layer):
+    """Per-feature `y = x * scale + offset`: a BN layer frozen in inference mode.
+
+    Args:
+        axis: Feature axis or list of axes, as in BatchNormalization.
+        **kwargs: Base layer arguments (`name`, `dtype`, ...).
+    """
+
+    def __init__(self, axis=-1, **kwargs):
+        super().__init__(**kwargs)
+        self.axis = axis if isinstance(axis, int) else list(axis)
+        self.supports_masking = True
+
+    def build(self, input_shape):
+        rank = len(input_shape)
+        self._feature_axes = _bn_layers.feature_axes(self, rank)
+        shape = tuple(int(input_shape[axis]) for axis in self._feature_axes)
+        self._broadcast_shape = [1] * rank
+        for axis, size in zip(self._feature_axes, shape):
+            self._broadcast_shape[axis] = size
+        self.scale = self.add_weight(
+            shape=shape, name="scale", initializer="ones", trainable=False, dtype="float32"
+        )
+        self.offset = self.add_weight(
+            shape=shape, name="offset", initializer="zeros", trainable=False, dtype="float32"
+        )
+
+    def call(self, inputs):
+        # float32 like BN, so a folded float16 model keeps BN's accuracy.
+        x = tf.cast(inputs, tf.float32)
+        scale = tf.reshape(self.scale.value, self._broadcast_shape)
+        offset = tf.reshape(self.offset.value, self._broadcast_shape)
+        return tf.cast(x * scale + offset, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config["axis"] = self.axis
+        return config
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldDecision:
+    """What became of one BN layer.
+
+    Attributes:
+        batch_norm: Path of the BN layer in the original model.
+        folded_into: Name of the layer that absorbed it, or None.
+        reason: Why it was not folded (it became a `ChannelAffine`), or None.
+    """
+
+    batch_norm: str
+    folded_into: Optional[str]
+    reason: Optional[str]
+
+
+def fold_batch_norm(model, return_report: bool = False):
+    """Returns a new inference model with every foldable BN folded away.
+
+    Every BN (tfbn or stock Keras) whose input comes straight from a linear
+    Conv1D/2D/3D, DepthwiseConv1D/2D, SeparableConv1D/2D (its pointwise
+    kernel) or Dense layer is folded into that layer's kernel and bias; a
+    bias is created when the producer has `use_bias=False`. Every other BN
+    becomes a `ChannelAffine` layer; each such case is logged (and reported)
+    with the reason. Nested Functional/Sequential sub-models are folded too.
+    Other layers are cloned with their weights, so the result shares no
+    variable with `model`.
+
+    The folded model only reproduces *inference* outputs (`training=False`);
+    it is meant for export, not for training.
+
+    Args:
+        model: A built Functional or Sequential Keras model.
+        return_report: If True, also return the list of `FoldDecision`.
+
+    Returns:
+        The folded model (a Sequential for a Sequential input), or
+        `(model, decisions)` when `return_report` is True.
+
+    Raises:
+        TypeError: For a subclassed model.
+        ValueError: For an unbuilt Sequential model.
+    """
+    decisions: List[FoldDecision] = []
+    folded = _fold(model, decisions)
+    for decision in decisions:
+        if decision.reason is not None:
+            _LOG.info("BN %s not folded: %s", decision.batch_norm, decision.reason)
+    return (folded, decisions) if return_report else folded
+
+
+def _fold(model, decisions):
+    graph = _bn_layers.graph_of(model)
+    sites = _bn_layers.batch_norm_sites(model)
+    replacements = {}  # id(original operation) -> callable in the new graph
+    weight_copies = []  # (original, clone) pairs, weights copied once built
+    for site in sites:
+        bn = site.batch_norm
+        if site.fold_blocker is None:
+            replacements[id(site.producer)] = _folded_producer(site.producer, bn)
+            replacements[id(bn)] = _pass_through
+            decisions.append(FoldDecision(bn.path, site.producer.name, None))
+        elif id(bn) not in replacements:
+            replacements[id(bn)] = _affine_replacement(bn, site.node.input_tensors[0])
+            decisions.append(FoldDecision(bn.path, None, site.fold_blocker))
+
+    def operation_fn(operation):
+        key = id(operation)
+        if key not in replacements:
+            replacements[key] = _clone(operation, decisions, weight_copies)
+        return replacements[key]
+
+    inputs = keras.tree.map_structure(
+        lambda x: keras.Input(
+            batch_shape=x.shape, dtype=x.dtype, name=x._keras_history.operation.name
+        ),
+        graph.input,
+    )
+    outputs = graph._run_through_graph(inputs, operation_fn=operation_fn)
+    folded = keras.Model(inputs, outputs, name=model.name)
+    for original, clone in weight_copies:
+        clone.set_weights(original.get_weights())
+    if isinstance(model, keras.Sequential):
+        layers = [
+            layer for layer in folded.layers if not isinstance(layer, keras.layers.InputLayer)
+        ]
+        return keras.Sequential([inputs] + layers, name=model.name)
+    return folded
+
+
+def _pass_through(inputs, *args, **kwargs):
+    del args, kwargs  # A folded BN's training/mask arguments no longer apply.
+    return inputs
+
+
+def _clone(operation, decisions, weight_copies):
+    if isinstance(operation, keras.Model):
+        return _fold(operation, decisions)
+    if not isinstance(operation, keras.layers.Layer) or not operation.weights:
+        # Stateless: sharing the instance shares nothing that can change.
+        return operation
+    clone = operation.__class__.from_config(operation.get_config())
+    weight_copies.append((operation, clone))
+    return clone
+
+
+def _folded_producer(producer, bn):
+    """A copy of `producer` with `bn`'s inference map folded into it."""
+    scale, shift = _bn_layers.inference_scale_shift(bn)
+    kernel_name = _bn_layers.foldable_kernel_name(producer)
+    kernel = np.asarray(getattr(producer, kernel_name).numpy(), np.float64)
+    if isinstance(producer, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)):
+        # Output channel c = input channel i * depth_multiplier + m, and the
+        # kernel is (..., in_channels, depth_multiplier).
+        channel_scale = scale.reshape(kernel.shape[-2:])
+    else:
+        channel_scale = scale
+    folded_kernel = kernel * channel_scale
+    bias = np.asarray(producer.bias.numpy(), np.float64) if producer.use_bias else 0.0
+    folded_bias = bias * scale + shift
+
+    config = producer.get_config()
+    config["use_bias"] = True
+    clone = producer.__class__.from_config(config)
+    clone.build(producer.input.shape)
+    for weight, original in zip(clone.weights, producer.weights):
+        weight.assign(original)  # The depthwise kernel of a separable conv.
+    getattr(clone, kernel_name).assign(folded_kernel.astype(np.float32))
+    clone.bias.assign(np.broadcast_to(folded_bias, clone.bias.shape).astype(np.float32))
+    return clone
+
+
+def _affine_replacement(bn, input_tensor):
+    affine = ChannelAffine(axis=bn.axis, name=bn.name)
+    affine.build(input_tensor.shape)
+    scale, shift = _bn_layers.inference_scale_shift(bn)
+    affine.scale.assign(scale.astype(np.float32))
+    affine.offset.assign(shift.astype(np.float32))
+
+    def call(inputs, *args, **kwargs):
+        del args, kwargs  # BN's `training`; the affine map has no modes.
+        return affine(inputs)
+
+    return call
