@@ -31,3 +31,11 @@ def two_cpu_strategy():
     strategy avoids that.
     """
     return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
+@pytest.fixture(scope="session")
+def tfds_data_dir():
+    """TFDS directory shared by the tests; the embedded dataset is generated once."""
+    import tempfile
+
+    return os.path.join(tempfile.gettempdir(), "tfbn_test_data")
