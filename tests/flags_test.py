@@ -1,0 +1,74 @@
+"""Tests for tfbn.flags: definitions, validators and the FLAGS -> config function."""
+
+import os
+
+import pytest
+from absl import flags
+
+from tfbn import flags as tfbn_flags
+from tfbn.config import TrainConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse(*argv):
+    fv = flags.FlagValues()
+    tfbn_flags.define_flags(fv)
+    fv(["train.py", *argv])
+    return tfbn_flags.config_from_flags(fv)
+
+
+def test_flags_build_the_typed_config():
+    config = parse("--model_dir=/tmp/r", "--update_part=head/", "--update_part=neck/",
+                   "--frozen_bn_mode=batch", "--bn_momentum=0.9", "--batch_size=8")
+    assert isinstance(config, TrainConfig)
+    assert config.update_part == ("head/", "neck/")
+    assert (config.frozen_bn_mode, config.bn_momentum, config.batch_size) == ("batch", 0.9, 8)
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--batch_size=1"], "--batch_size"),
+        (["--bn_momentum=1.5"], "--bn_momentum"),
+        (["--bn_epsilon=-1"], "--bn_epsilon"),
+        (["--update_part=head/["], "--update_part"),
+        (["--restore_exclude=("], "--restore_exclude"),
+        (["--learning_rate=0"], "--learning_rate"),
+        (["--frozen_bn_mode=frozen"], "frozen_bn_mode"),
+        (["--restore_part=backbone/"], "--restore_part"),
+    ],
+)
+def test_validators_reject_bad_values_naming_the_flag(argv, flag):
+    with pytest.raises(flags.Error, match=flag.replace("[", r"\[")):
+        parse("--model_dir=/tmp/r", *argv)
+
+
+def test_model_dir_is_required():
+    with pytest.raises(flags.IllegalFlagValueError, match="model_dir"):
+        parse("--batch_size=4")
+
+
+@pytest.mark.parametrize("name", ["pretrain", "finetune_head", "smoke"])
+def test_configs_parse_and_start_with_their_command(name):
+    path = os.path.join(REPO, "configs", f"{name}.flags")
+    first = open(path).readline()
+    assert first.startswith(f"# python train.py --flagfile=configs/{name}.flags")
+    extra = ["--init_checkpoint=/tmp/pre"] if name == "finetune_head" else []
+    config = parse(f"--flagfile={path}", "--model_dir=/tmp/r", *extra)
+    assert config.model_dir == "/tmp/r"
+
+
+def test_finetune_config_trains_only_the_head():
+    config = parse(f"--flagfile={REPO}/configs/finetune_head.flags", "--model_dir=/tmp/r",
+                   "--init_checkpoint=/tmp/pre")
+    assert config.update_part == ("head/",) and config.restore_part == ("backbone/",)
+    assert config.dataset == "tfbn_shapes/target" and config.frozen_bn_mode == "inference"
+
+
+def test_flagfile_written_by_a_run_parses_back_to_the_same_config(tmp_path):
+    config = parse("--model_dir=/tmp/r", "--update_part=head/", "--init_checkpoint=/tmp/p",
+                   "--restore_part=backbone/", "--noexport", "--eval_split=test")
+    path = tmp_path / "flags.txt"
+    path.write_text(config.to_flagfile())
+    assert parse(f"--flagfile={path}") == config

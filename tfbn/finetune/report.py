@@ -1,0 +1,111 @@
+"""The BN report: what happened to every BN layer since the restore.
+
+For each BN layer: its path, whether it was in the update set, its mode, and
+the max absolute change of moving mean / variance, gamma and beta since the
+baseline (the values right after the restore, saved in the model_dir so a
+resumed run still reports against the same baseline). A fine-tune run proves
+with it that frozen statistics stayed bit-identical and trained ones moved.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Dict, List
+
+import numpy as np
+
+from tfbn.finetune import scopes
+
+Snapshot = Dict[str, Dict[str, np.ndarray]]
+_SEPARATOR = "|"
+# Modes in which a BN layer's moving statistics must not change.
+FROZEN_STAT_MODES = ("inference", "batch")
+
+
+def snapshot(bn_layers) -> Snapshot:
+    """Copies of every BN layer's gamma, beta and moving statistics, by layer path."""
+    return {
+        layer.path: {name: np.array(variable.numpy()) for name, variable in scopes.bn_variables(layer).items()}
+        for layer in bn_layers
+    }
+
+
+def save_snapshot(path: str, values: Snapshot) -> None:
+    """Writes a snapshot as a `.npz` file."""
+    flat = {f"{layer}{_SEPARATOR}{name}": value for layer, items in values.items() for name, value in items.items()}
+    with open(path, "wb") as stream:
+        np.savez(stream, **flat)
+
+
+def load_snapshot(path: str) -> Snapshot:
+    """Reads a snapshot written by `save_snapshot`."""
+    values: Snapshot = {}
+    with np.load(path) as data:
+        for key in data.files:
+            layer, name = key.rsplit(_SEPARATOR, 1)
+            values.setdefault(layer, {})[name] = data[key]
+    return values
+
+
+def bn_report(plan: scopes.UpdatePlan, baseline: Snapshot) -> List[dict]:
+    """One row per BN layer of `plan`, comparing its variables with `baseline`.
+
+    Returns:
+        Rows with keys `path`, `type`, `in_update_set`, `mode`,
+        `max_abs_change` (per variable name), and `stats_bit_identical`.
+    """
+    rows = []
+    for layer, mode in plan.bn_modes:
+        before = baseline.get(layer.path, {})
+        changes = {}
+        identical = True
+        for name, variable in scopes.bn_variables(layer).items():
+            now = variable.numpy()
+            if name not in before:
+                changes[name] = None
+                continue
+            changes[name] = float(np.max(np.abs(now - before[name]))) if now.size else 0.0
+            if name.startswith("moving_"):
+                identical = identical and np.array_equal(now, before[name])
+        rows.append(
+            {
+                "path": layer.path,
+                "type": type(layer).__module__.split(".")[0] + "." + type(layer).__name__,
+                "in_update_set": mode == scopes.MODE_TRAIN,
+                "mode": mode,
+                "max_abs_change": changes,
+                "stats_bit_identical": bool(identical),
+            }
+        )
+    return rows
+
+
+def frozen_stats_violations(rows: List[dict]) -> List[str]:
+    """Paths of layers in a frozen-statistics mode whose statistics changed."""
+    return [row["path"] for row in rows if row["mode"] in FROZEN_STAT_MODES and not row["stats_bit_identical"]]
+
+
+def format_table(rows: List[dict]) -> str:
+    """The report as an aligned text table."""
+    names = ("moving_mean", "moving_variance", "gamma", "beta")
+    header = ["layer", "update", "mode", "d_mean", "d_var", "d_gamma", "d_beta", "stats"]
+    lines = [header]
+    for row in rows:
+        change = row["max_abs_change"]
+        cells = ["-" if change.get(name) is None else f"{change[name]:.3g}" for name in names]
+        stats = "identical" if row["stats_bit_identical"] else "moved"
+        lines.append([row["path"], "yes" if row["in_update_set"] else "no", row["mode"], *cells, stats])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
+
+
+def write_report(path: str, rows: List[dict]) -> None:
+    """Writes `bn_report.json` with the rows and the frozen-statistics verdict."""
+    violations = frozen_stats_violations(rows)
+    payload = {
+        "layers": rows,
+        "frozen_statistics_bit_identical": not violations,
+        "violations": violations,
+    }
+    with open(path, "w") as stream:
+        json.dump(payload, stream, indent=2)

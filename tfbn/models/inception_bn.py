@@ -1,0 +1,66 @@
+"""A small Inception-BN (GoogLeNet with BN, seed 004's network) for 32x32 inputs.
+
+As in BN-Inception, every convolution is Conv-BN-ReLU and the 5x5 branch is
+two 3x3 convolutions. The stem and widths are shrunk for 32x32 images.
+"""
+
+from __future__ import annotations
+
+import keras
+
+from tfbn.layers.batch_normalization import BatchNormalization
+
+
+def conv_bn_relu(x, filters: int, kernel_size: int, name: str, strides: int = 1):
+    """Conv (no bias) -> BN -> ReLU, seed 004's BasicConv2d."""
+    x = keras.layers.Conv2D(
+        filters, kernel_size, strides=strides, padding="same", use_bias=False, name=f"{name}_conv"
+    )(x)
+    x = BatchNormalization(name=f"{name}_bn")(x)
+    return keras.layers.ReLU(name=f"{name}_relu")(x)
+
+
+def inception_block(x, widths, name: str):
+    """Four branches: 1x1; 1x1-3x3; 1x1-3x3-3x3; 3x3 max-pool-1x1; concatenated.
+
+    Args:
+        x: Input tensor.
+        widths: `(b1, b2_reduce, b2, b3_reduce, b3, pool_proj)` filters.
+        name: Block name, the prefix of its layers.
+    """
+    b1, b2_reduce, b2, b3_reduce, b3, pool_proj = widths
+    branch1 = conv_bn_relu(x, b1, 1, f"{name}_b1")
+    branch2 = conv_bn_relu(x, b2_reduce, 1, f"{name}_b2a")
+    branch2 = conv_bn_relu(branch2, b2, 3, f"{name}_b2b")
+    branch3 = conv_bn_relu(x, b3_reduce, 1, f"{name}_b3a")
+    branch3 = conv_bn_relu(branch3, b3, 3, f"{name}_b3b")
+    branch3 = conv_bn_relu(branch3, b3, 3, f"{name}_b3c")
+    branch4 = keras.layers.MaxPooling2D(3, strides=1, padding="same", name=f"{name}_pool")(x)
+    branch4 = conv_bn_relu(branch4, pool_proj, 1, f"{name}_b4")
+    return keras.layers.Concatenate(name=f"{name}_concat")([branch1, branch2, branch3, branch4])
+
+
+def inception_bn(num_classes: int, input_shape=(32, 32, 3)) -> keras.Model:
+    """Builds the model: stem, inception 3a/3b, pool, inception 4a, GAP head.
+
+    Args:
+        num_classes: Number of output logits.
+        input_shape: `(height, width, channels)`.
+
+    Returns:
+        A functional `keras.Model` named `inception_bn` with parts
+        `backbone/` and `head/`.
+    """
+    inputs = keras.Input(input_shape, name="images")
+    with keras.name_scope("backbone"):
+        x = conv_bn_relu(inputs, 32, 3, "stem")
+        x = inception_block(x, (16, 16, 24, 8, 12, 8), "inception3a")
+        x = inception_block(x, (24, 24, 32, 8, 16, 16), "inception3b")
+        x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="pool3")(x)
+        x = inception_block(x, (32, 24, 40, 8, 16, 16), "inception4a")
+        x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="pool4")(x)
+    with keras.name_scope("head"):
+        x = conv_bn_relu(x, 64, 1, "proj")
+        x = keras.layers.GlobalAveragePooling2D(name="avgpool")(x)
+        logits = keras.layers.Dense(num_classes, name="logits")(x)
+    return keras.Model(inputs, logits, name="inception_bn")
