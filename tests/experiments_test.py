@@ -68,3 +68,18 @@ def test_convergence_is_seeded_and_reproducible(tmp_path, tfds_data_dir):
         assert a.keys() == b.keys()
         assert np.allclose([a[k] for k in a if k != "model"], [b[k] for k in b if k != "model"],
                            equal_nan=True)
+
+
+def test_finetune_shift_keeps_inference_mode_backbone_frozen(tmp_path, tfds_data_dir):
+    paths = experiments.run_experiment("finetune_shift", _config(tmp_path, tfds_data_dir, image_size=16))
+    assert any(p.endswith("finetune_shift.png") for p in paths)
+    with open(tmp_path / "finetune_shift.csv") as handle:
+        rows = {row["variant"]: row for row in csv.DictReader(handle)}
+    assert list(rows) == ["pretrained, no fine-tune", "inference", "batch", "adapt",
+                          "recompute, then inference"]
+    # Frozen statistics stay bit-identical in inference and batch mode; adapt
+    # and the recomputation move them towards the target domain.
+    assert float(rows["inference"]["backbone_stat_drift"]) == 0.0
+    assert float(rows["batch"]["backbone_stat_drift"]) == 0.0
+    assert float(rows["adapt"]["backbone_stat_drift"]) > 0.0
+    assert float(rows["recompute, then inference"]["backbone_stat_drift"]) > 0.0

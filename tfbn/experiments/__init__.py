@@ -15,6 +15,7 @@ EXPERIMENTS = {
     "convergence": "tfbn.experiments.convergence",
     "learning_rate": "tfbn.experiments.learning_rate",
     "small_batch": "tfbn.experiments.small_batch",
+    "finetune_shift": "tfbn.experiments.finetune_shift",
     "statistics": "tfbn.experiments.statistics",
 }
 

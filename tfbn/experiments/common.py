@@ -61,7 +61,11 @@ class ExperimentConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Plot:
-    """A line plot: one series per label, each `(x values, y values)`."""
+    """A figure: one series per label, each `(x values, y values)`.
+
+    With `categories`, the x values index into them and the series are drawn
+    as grouped bars labelled by category (for results that are not a curve).
+    """
 
     filename: str
     title: str
@@ -69,6 +73,7 @@ class Plot:
     ylabel: str
     series: Dict[str, Tuple[Sequence[float], Sequence[float]]]
     log_x: bool = False
+    categories: Optional[Sequence[str]] = None
 
 
 @dataclasses.dataclass
@@ -241,9 +246,17 @@ def _draw_plots(plots: Sequence[Plot], output_dir: str) -> List[str]:
     paths = []
     for plot in plots:
         figure, axes = pyplot.subplots(figsize=(6.4, 4.2))
-        for label, (xs, ys) in plot.series.items():
-            axes.plot(list(xs), [y if y is not None and math.isfinite(y) else float("nan") for y in ys],
-                      marker="o" if len(xs) <= 12 else None, label=label)
+        width = 0.8 / max(1, len(plot.series))
+        for index, (label, (xs, ys)) in enumerate(plot.series.items()):
+            ys = [y if y is not None and math.isfinite(y) else float("nan") for y in ys]
+            if plot.categories is not None:
+                axes.bar([x + (index - (len(plot.series) - 1) / 2) * width for x in xs], ys,
+                         width=width, label=label)
+            else:
+                axes.plot(list(xs), ys, marker="o" if len(xs) <= 12 else None, label=label)
+        if plot.categories is not None:
+            axes.set_xticks(range(len(plot.categories)))
+            axes.set_xticklabels(plot.categories, rotation=15, ha="right", fontsize="small")
         if plot.log_x:
             axes.set_xscale("log", base=2)
         axes.set_title(plot.title)

@@ -53,9 +53,10 @@ def run(config: common.ExperimentConfig) -> common.ExperimentResult:
     )
     positions = list(range(len(rows)))
     plot = common.Plot(
-        "statistics.png", "Test accuracy by momentum (0.9, 0.99, 0.999, cumulative)",
-        "momentum setting (index)", "test accuracy",
+        "statistics.png", f"Test accuracy after {steps} steps, by BN momentum", "momentum",
+        "test accuracy",
         {key.replace("_", " "): (positions, [r[key] for r in rows])
          for key in ("training_mode_accuracy", "inference_accuracy", "recomputed_inference_accuracy")},
+        categories=[r["momentum"] for r in rows],
     )
     return common.ExperimentResult("statistics", rows, summary, [plot])
