@@ -11,7 +11,7 @@ Public API:
 """
 
 from tfbn import compat
-from tfbn.audit import AuditReport, Finding, audit
+from tfbn.auditing import AuditReport, Finding, audit
 from tfbn.conversion import convert_batch_norm, load_torch_batch_norm_state
 from tfbn.deferred_updates import (
     PendingUpdate,

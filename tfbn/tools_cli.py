@@ -19,7 +19,7 @@ import keras
 import numpy as np
 
 import tfbn  # noqa: F401  Registers tfbn's layers for loading.
-from tfbn import audit as audit_lib
+from tfbn import auditing
 from tfbn import conversion
 from tfbn import folding
 from tfbn import population_statistics
@@ -79,7 +79,7 @@ def _convert(args) -> int:
 def _audit(args) -> int:
     model = keras.models.load_model(args.model)
     batches = load_batches(args.data, args.batch_size, args.data_key) if args.data else None
-    report = audit_lib.audit(model, batches, num_batches=args.num_batches)
+    report = auditing.audit(model, batches, num_batches=args.num_batches)
     text = report.to_json() if args.format == "json" else report.to_text()
     if args.output:
         with open(args.output, "w") as handle:

@@ -1,4 +1,4 @@
-"""Tests for tfbn.audit: each planted BN mistake is found, a clean model is clean."""
+"""Tests for tfbn.auditing (tfbn.audit): each planted BN mistake is found, a clean model is clean."""
 
 import json
 
@@ -6,7 +6,7 @@ import keras
 import numpy as np
 
 import tfbn
-from tfbn.audit import AuditReport, Finding, audit
+from tfbn.auditing import AuditReport, Finding, audit
 from tfbn.population_statistics import recompute_statistics
 
 L = keras.layers
