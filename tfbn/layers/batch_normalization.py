@@ -12,7 +12,9 @@ What it adds to the stock layer, each pinned by tests:
 * float32 statistics whatever the dtype policy, accurate for large offsets;
 * updates only from batches that can be trusted (empty, fully masked or
   non-finite batches leave the moving statistics bit-identical);
-* argument validation that names the argument, the value and the fix.
+* argument validation that names the argument, the value and the fix;
+* speed: the fused kernel where its semantics match (`tfbn.fused`), and a
+  closed-form backward everywhere else (`tfbn.closed_form`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from typing import List, Optional, Sequence
 import keras
 import tensorflow as tf
 
+from tfbn import closed_form
+from tfbn import fused as fused_lib
 from tfbn import moments as moments_lib
 from tfbn import moving_averages
 from tfbn.deferred_updates import PendingUpdate, active_collector
@@ -150,8 +154,15 @@ class BatchNormalization(keras.layers.Layer):
             ghost batch `j` being samples `j, j + G, j + 2G, ...`). The moving
             statistics are updated with the mean of the ghost statistics.
             Inference does not depend on it and accepts any batch size.
-        fused: Accepted for source compatibility with tf-keras and TF1; it
-            does not change results.
+        fused: Which implementation runs. None (default) uses the fused
+            kernel (`FusedBatchNormV3`) when the configuration allows it: one
+            feature axis that is last or 1, inputs of rank 2 to 5, a float32,
+            float16 or bfloat16 compute dtype, and no renorm, ghost batches,
+            mask or synchronization; otherwise the general path with a
+            closed-form backward. False always takes the general path. True
+            requires the fused kernel and raises a ValueError naming what
+            prevents it. Both paths give the same results within float32
+            rounding (moving statistics included).
         **kwargs: Base layer arguments (`name`, `dtype`, `trainable`, ...).
 
     Call arguments:
@@ -241,6 +252,8 @@ class BatchNormalization(keras.layers.Layer):
                     "choose one."
                 )
         self.virtual_batch_size = virtual_batch_size
+        if fused is not None and not isinstance(fused, bool):
+            raise TypeError(f"`fused` must be None, True or False; received {fused!r}.")
         self.fused = fused
         self.supports_masking = True
 
@@ -350,18 +363,53 @@ class BatchNormalization(keras.layers.Layer):
 
     def call(self, inputs, training=None, mask=None):
         mode = resolve_training(training) if self.trainable else False
-        x = tf.cast(inputs, tf.float32)
+        fused = self._use_fused(mask)
+        # The fused kernel takes low-precision inputs with float32 statistics.
+        x = tf.cast(inputs, self.compute_dtype if fused else tf.float32)
         if mask is not None:
             mask = self._expand_mask(mask, x)
         if mode is False:
             outputs = self._inference(x)
         elif mode is True:
-            outputs, update = self._training(x, mask)
+            outputs, update = self._training(x, mask, fused)
             self._record_update(*update)
         else:
-            outputs, update = self._training_or_inference(mode, x, mask)
+            outputs, update = self._training_or_inference(mode, x, mask, fused)
             self._record_update(*update)
         return tf.cast(outputs, self.compute_dtype)
+
+    def _fused_ineligibility(self, mask) -> Optional[str]:
+        """Why the fused kernel cannot run this call, or None if it can."""
+        if len(self._feature_axes_built) != 1:
+            return f"it normalizes over several axes (axis={self.axis!r})"
+        if fused_lib.layout(self._rank, self._feature_axes_built[0]) is None:
+            return (
+                f"axis={self.axis!r} of a rank-{self._rank} input is neither the "
+                "last axis nor axis 1 of a rank 2 to 5 input"
+            )
+        if tf.as_dtype(self.compute_dtype) not in fused_lib.SUPPORTED_DTYPES:
+            return f"the compute dtype {self.compute_dtype} is not float32, float16 or bfloat16"
+        if self.renorm:
+            return "renorm=True"
+        if self.virtual_batch_size is not None:
+            return f"virtual_batch_size={self.virtual_batch_size}"
+        if self.synchronized:
+            return "synchronized=True"
+        if mask is not None:
+            return "a mask was passed"
+        return None
+
+    def _use_fused(self, mask) -> bool:
+        if self.fused is False:
+            return False
+        reason = self._fused_ineligibility(mask)
+        if reason is not None and self.fused:
+            raise ValueError(
+                f"BatchNormalization {self.name!r} has fused=True but the fused "
+                f"kernel cannot run: {reason}. Use fused=None to pick the "
+                "kernel automatically, or fused=False."
+            )
+        return reason is None
 
     def _expand_mask(self, mask, x):
         """Reshapes a mask without feature axes to broadcast against `x`."""
@@ -391,6 +439,9 @@ class BatchNormalization(keras.layers.Layer):
         return tf.convert_to_tensor(gamma), tf.convert_to_tensor(beta)
 
     def _inference(self, x):
+        # x * a + b on every path: as fast as the fused inference kernel here
+        # (BENCHMARKS.md) and bit-identical to the stock Keras layer.
+        x = tf.cast(x, tf.float32)
         gamma, beta = self._affine_parameters()
         # The precomputed constants a and b: one multiply-add per value.
         a = gamma * tf.math.rsqrt(self.moving_variance.value + self.epsilon)
@@ -411,7 +462,12 @@ class BatchNormalization(keras.layers.Layer):
                     "batch of at least 2, or call with training=False."
                 )
 
-    def _training(self, x, mask):
+    def _kernel_view(self, x):
+        """`x` as the fused kernel's rank 4 or 5 input, and its data format."""
+        data_format, expand_axis = fused_lib.layout(self._rank, self._feature_axes_built[0])
+        return fused_lib.to_kernel_rank(x, expand_axis), data_format
+
+    def _training(self, x, mask, fused=False):
         """Normalizes with batch statistics.
 
         Returns:
@@ -419,6 +475,14 @@ class BatchNormalization(keras.layers.Layer):
             valid)` in the parameter shape, for `_record_update`.
         """
         self._check_values_per_feature(x)
+        if fused:
+            gamma, beta = self._affine_parameters()
+            kernel_x, data_format = self._kernel_view(x)
+            outputs, mean, variance, count = fused_lib.batch_norm_training(
+                kernel_x, gamma, beta, self.epsilon, data_format
+            )
+            outputs = tf.reshape(outputs, tf.shape(x))
+            return outputs, self._update_arguments(mean, variance, count)
         ghost = self.virtual_batch_size
         if ghost is not None:
             batch = tf.shape(x)[0]
@@ -440,30 +504,31 @@ class BatchNormalization(keras.layers.Layer):
         # With ghost batches, axis 1 indexes the ghost batch and is kept.
         kept = set(feature_axes) | ({1} if ghost is not None else set())
         reduction_axes = [axis for axis in range(rank) if axis not in kept]
-        stats = moments_lib.batch_moments(
-            x, reduction_axes, mask=mask, synchronized=self.synchronized
-        )
 
         def broadcast(value):
             return self._broadcast(value, rank, offset)
 
-        moving_mean = broadcast(self.moving_mean.value)
-        moving_variance = broadcast(self.moving_variance.value)
+        gamma, beta = self._affine_parameters()
+        correction = None
+        if self.renorm:
+
+            def correction(mean, variance):
+                return self._renorm_correction(mean, variance, broadcast)
+
         # A batch with no values (empty, or fully masked) normalizes with the
         # moving statistics rather than dividing by sqrt(epsilon).
-        has_values = stats.count > 0
-        mean = tf.where(has_values, stats.mean, moving_mean)
-        variance = tf.where(has_values, stats.variance, moving_variance)
-
-        gamma, beta = self._affine_parameters()
-        gamma, beta = broadcast(gamma), broadcast(beta)
-        inv_stddev = tf.math.rsqrt(variance + self.epsilon)
-        if self.renorm:
-            r, d = self._renorm_correction(mean, variance, broadcast)
-            # (x_hat * r + d) * gamma + beta, with r and d constants.
-            beta = beta + d * gamma
-            gamma = gamma * r
-        outputs = (x - mean) * (gamma * inv_stddev) + beta
+        outputs, stats = closed_form.batch_normalize(
+            x,
+            broadcast(gamma),
+            broadcast(beta),
+            reduction_axes,
+            self.epsilon,
+            fallback_mean=broadcast(self.moving_mean.value),
+            fallback_variance=broadcast(self.moving_variance.value),
+            mask=mask,
+            synchronized=self.synchronized,
+            correction=correction,
+        )
         if ghost is not None:
             outputs = tf.reshape(outputs, original_shape)
 
@@ -472,6 +537,10 @@ class BatchNormalization(keras.layers.Layer):
             update_mean = tf.reduce_mean(update_mean, axis=1, keepdims=True)
             update_variance = tf.reduce_mean(update_variance, axis=1, keepdims=True)
             count = tf.reduce_min(count)
+        return outputs, self._update_arguments(update_mean, update_variance, count)
+
+    def _update_arguments(self, update_mean, update_variance, count):
+        """`(mean, variance, count, valid)` in the parameter shape."""
         valid = tf.logical_and(
             tf.reduce_all(count >= _MIN_VALUES_PER_FEATURE),
             tf.logical_and(
@@ -480,13 +549,12 @@ class BatchNormalization(keras.layers.Layer):
             ),
         )
         count = tf.reduce_min(count)
-        update = (
+        return (
             tf.reshape(update_mean, self._param_shape),
             tf.reshape(update_variance, self._param_shape),
             count,
             valid,
         )
-        return outputs, update
 
     def _renorm_correction(self, mean, variance, broadcast):
         stddev = tf.sqrt(variance + self.epsilon)
@@ -504,11 +572,11 @@ class BatchNormalization(keras.layers.Layer):
             d = tf.clip_by_value(d, -clipping["dmax"], clipping["dmax"])
         return tf.stop_gradient(r), tf.stop_gradient(d)
 
-    def _training_or_inference(self, training, x, mask):
+    def _training_or_inference(self, training, x, mask, fused):
         """Both modes behind a `tf.bool` tensor; the update is gated on it."""
 
         def train_branch():
-            outputs, (mean, variance, count, valid) = self._training(x, mask)
+            outputs, (mean, variance, count, valid) = self._training(x, mask, fused)
             return outputs, mean, variance, count, valid
 
         def inference_branch():

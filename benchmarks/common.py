@@ -1,0 +1,139 @@
+"""Shared timing and reporting helpers for the benchmarks.
+
+Every benchmark times its contenders in one process, interleaved (one call
+of each in turn, repeated), after warm-up calls that trace and compile, and
+reports the median. Interleaving spreads the noise of a shared machine over
+all contenders instead of penalizing whichever ran during a busy moment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+
+class Skipped(Exception):
+    """A benchmark whose subject is not available; the message says why."""
+
+
+@dataclasses.dataclass
+class Row:
+    """One benchmark line: a case, a contender, its median time and a ratio.
+
+    Attributes:
+        benchmark: Which script (e.g. "layer").
+        case: The configuration (shape, mode, pass).
+        contender: What was timed (e.g. "tfbn", "keras", "raw fused op").
+        median_ms: Median wall time of one call, in milliseconds.
+        ratio: `median_ms` divided by the case's baseline contender.
+        note: Free text (GB/s, target, ...).
+    """
+
+    benchmark: str
+    case: str
+    contender: str
+    median_ms: float
+    ratio: Optional[float] = None
+    note: str = ""
+
+
+def _block(result) -> None:
+    """Waits for `result` (a tensor, a nested structure of them, or None)."""
+    if result is None:
+        return
+    if isinstance(result, (list, tuple)):
+        for item in result:
+            _block(item)
+        return
+    if isinstance(result, dict):
+        for item in result.values():
+            _block(item)
+        return
+    if hasattr(result, "numpy"):
+        result.numpy()
+
+
+def time_interleaved(
+    contenders: Dict[str, Callable[[], object]], repeats: int, warmup: int = 2
+) -> Dict[str, float]:
+    """Median milliseconds per call of each contender, timed in turn.
+
+    Args:
+        contenders: Name -> zero-argument callable; its result is fetched
+            (`.numpy()`) so asynchronous work is included.
+        repeats: Timed calls per contender.
+        warmup: Untimed calls per contender first (tracing, compilation).
+
+    Returns:
+        Name -> median milliseconds.
+    """
+    for function in contenders.values():
+        for _ in range(warmup):
+            _block(function())
+    samples: Dict[str, List[float]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, function in contenders.items():
+            start = time.perf_counter()
+            _block(function())
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: float(np.median(values)) for name, values in samples.items()}
+
+
+def rows_with_ratios(
+    benchmark: str, case: str, medians: Dict[str, float], baseline: str, notes: Optional[Dict[str, str]] = None
+) -> List[Row]:
+    """Rows for one case, each with its ratio to the `baseline` contender."""
+    notes = notes or {}
+    return [
+        Row(benchmark, case, name, value, value / medians[baseline], notes.get(name, ""))
+        for name, value in medians.items()
+    ]
+
+
+def onednn_enabled() -> bool:
+    """Whether TensorFlow runs with oneDNN (MKL) kernels."""
+    from tensorflow.python.util import _pywrap_util_port  # Only public source of this fact.
+
+    return bool(_pywrap_util_port.IsMklEnabled()) and os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1") != "0"
+
+
+def machine_description() -> Dict[str, str]:
+    """Facts that explain the numbers: CPU, cores, versions, oneDNN."""
+    import keras
+    import tensorflow as tf
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "logical cores": str(os.cpu_count()),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "oneDNN": "on" if onednn_enabled() else "off",
+        "GPUs": str(len(tf.config.list_physical_devices("GPU"))),
+    }
+
+
+def format_rows(rows: Sequence[Row]) -> str:
+    """A markdown table of `rows`."""
+    lines = [
+        "| case | contender | median ms | ratio | note |",
+        "|---|---|---:|---:|---|",
+    ]
+    for row in rows:
+        ratio = "" if row.ratio is None else f"{row.ratio:.2f}"
+        lines.append(f"| {row.case} | {row.contender} | {row.median_ms:.2f} | {ratio} | {row.note} |")
+    return "\n".join(lines)

@@ -1,0 +1,107 @@
+"""Benchmark (5): the fine-tune trainer's step rate vs `model.fit`.
+
+The same Conv-BN-ReLU network (tfbn BN), data and SGD optimizer, trained
+for the same number of steps: once through `tfbn.finetune.trainer`'s train
+step (deferred BN updates, finite-gradient guard), once through
+`model.fit`. Reports steps per second. Skips with a message when the trainer
+API is not available in this checkout.
+
+Run: `python -m benchmarks.trainer [--repeats N] [--steps N] [--smoke]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import List
+
+import keras
+import tensorflow as tf
+
+import tfbn
+from benchmarks import common
+from benchmarks.training_step import conv_bn_relu_network
+
+
+def _trainer_api():
+    try:
+        from tfbn.finetune import scopes, trainer
+
+        return scopes.plan_update, trainer.configure_bn_modes, trainer.make_train_step
+    except (ImportError, AttributeError) as error:
+        raise common.Skipped(f"the trainer API (tfbn.finetune.trainer) is not usable ({error})") from None
+
+
+def _steps_per_second(run_steps, steps: int) -> float:
+    run_steps(2)  # Warm-up: tracing.
+    start = time.perf_counter()
+    run_steps(steps)
+    return steps / (time.perf_counter() - start)
+
+
+def run(repeats: int = 7, smoke: bool = False, steps: int = 10) -> List[common.Row]:
+    """Steps/sec of both loops over `steps` steps, alternated `repeats` times.
+
+    Short alternating rounds spread a shared machine's load bursts over
+    both loops.
+
+    Returns rows whose median_ms is the median time per step.
+    """
+    plan_update, configure_bn_modes, make_train_step = _trainer_api()
+    batch, size, channels = (2, 8, 4) if smoke else (32, 32, 64)
+    steps = 2 if smoke else steps
+    images = tf.random.normal([batch, size, size, 3])
+    labels = tf.random.uniform([batch], 0, 10, tf.int32)
+    dataset = tf.data.Dataset.from_tensors((images, labels)).repeat()
+
+    trainer_model = conv_bn_relu_network((size, size, 3), channels, tfbn.BatchNormalization)
+    plan = plan_update(trainer_model)
+    configure_bn_modes(plan)
+    optimizer = keras.optimizers.SGD(0.01)
+    optimizer.build(list(plan.update_variables))
+    step = make_train_step(
+        trainer_model,
+        optimizer,
+        plan,
+        tf.Variable(0, dtype=tf.int64),
+        tf.Variable(0, dtype=tf.int64),
+    )
+    iterator = iter(dataset)
+
+    def trainer_steps(count):
+        for _ in range(count):
+            step(*next(iterator))["loss"].numpy()
+
+    fit_model = conv_bn_relu_network((size, size, 3), channels, tfbn.BatchNormalization)
+    fit_model.compile(
+        optimizer=keras.optimizers.SGD(0.01),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+
+    def fit_steps(count):
+        fit_model.fit(dataset, steps_per_epoch=count, epochs=1, verbose=0)
+
+    rates = {"tfbn trainer": [], "model.fit": []}
+    for _ in range(1 if smoke else repeats):
+        rates["tfbn trainer"].append(_steps_per_second(trainer_steps, steps))
+        rates["model.fit"].append(_steps_per_second(fit_steps, steps))
+    medians = {name: 1e3 / sorted(values)[len(values) // 2] for name, values in rates.items()}
+    notes = {name: f"{1e3 / value:.1f} steps/s" for name, value in medians.items()}
+    case = f"{steps} steps, batch {batch}x{size}x{size}, {channels} channels"
+    return common.rows_with_ratios("trainer", case, medians, "model.fit", notes)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--smoke", action="store_true", help="one tiny case, for tests")
+    args = parser.parse_args(argv)
+    try:
+        print(common.format_rows(run(args.repeats, args.smoke, args.steps)))
+    except common.Skipped as skipped:
+        print(f"SKIPPED: {skipped}")
+
+
+if __name__ == "__main__":
+    main()
