@@ -33,24 +33,6 @@ from tfbn import moments as moments_lib
 Correction = Callable[[tf.Tensor, tf.Tensor], Tuple[tf.Tensor, tf.Tensor]]
 
 
-def _sum_over(values: tf.Tensor, axes: Sequence[int]) -> tf.Tensor:
-    """`reduce_sum(values, axes, keepdims=True)`, one run of adjacent axes at a time.
-
-    TensorFlow's CPU reduction over non-adjacent axes (e.g. (0, 2, 3) of a
-    ghost-batch view) transposes the whole tensor first, about 5x slower than
-    reducing the innermost run and then the small remainder.
-    """
-    runs = []
-    for axis in axes:
-        if runs and axis == runs[-1][-1] + 1:
-            runs[-1].append(axis)
-        else:
-            runs.append([axis])
-    for run in reversed(runs):
-        values = tf.reduce_sum(values, run, keepdims=True)
-    return values
-
-
 def batch_normalize(
     x: tf.Tensor,
     gamma: tf.Tensor,
@@ -85,7 +67,7 @@ def batch_normalize(
         `tfbn.moments.BatchMoments` of the batch (not differentiable).
     """
     axes = sorted(int(axis) for axis in reduction_axes)
-    context = moments_lib._replica_context() if synchronized else None
+    context = moments_lib.replica_context() if synchronized else None
     # Axes kept in the statistics but broadcast in gamma (the ghost-batch
     # axis): dgamma and dbeta are summed over them as well.
     param_axes = [
@@ -121,8 +103,8 @@ def batch_normalize(
 
         def grad(dy):
             centred = x - mean
-            sum_dy = _sum_over(dy, axes)
-            sum_dy_x_hat = _sum_over(dy * centred, axes) * inv_stddev
+            sum_dy = moments_lib.sum_over_axes(dy, axes)
+            sum_dy_x_hat = moments_lib.sum_over_axes(dy * centred, axes) * inv_stddev
             dgamma = tf.reduce_sum(r * sum_dy_x_hat + d * sum_dy, param_axes, keepdims=True)
             dbeta = tf.reduce_sum(sum_dy, param_axes, keepdims=True)
             if context is not None:

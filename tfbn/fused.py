@@ -126,7 +126,7 @@ def batch_norm_training(
     """
     rank = x.shape.rank
     axes = _reduction_axes(data_format, rank)
-    shift = tf.reshape(moments_lib._shift(x, axes), [-1])
+    shift = tf.reshape(moments_lib.first_sample(x, axes), [-1])
     broadcast_shift = _broadcast_channels(shift, data_format, rank)
 
     @tf.custom_gradient

@@ -42,7 +42,7 @@ class BatchMoments:
     count: tf.Tensor
 
 
-def _shift(x: tf.Tensor, axes: Sequence[int]) -> tf.Tensor:
+def first_sample(x: tf.Tensor, axes: Sequence[int]) -> tf.Tensor:
     """One sample per feature, used to centre the data before summing.
 
     Any value close to the mean works; the first element along the reduction
@@ -51,12 +51,31 @@ def _shift(x: tf.Tensor, axes: Sequence[int]) -> tf.Tensor:
     same shape instead of an empty tensor.
     """
     # Python slicing clamps to the size, so an empty axis gives an empty slice.
-    first_sample = x[tuple(slice(0, 1) if a in axes else slice(None) for a in range(x.shape.rank))]
-    first = tf.reduce_sum(first_sample, axis=axes, keepdims=True)
+    leading = x[tuple(slice(0, 1) if a in axes else slice(None) for a in range(x.shape.rank))]
+    first = tf.reduce_sum(leading, axis=axes, keepdims=True)
     return tf.stop_gradient(first)
 
 
-def _replica_context():
+def sum_over_axes(values: tf.Tensor, axes: Sequence[int]) -> tf.Tensor:
+    """`reduce_sum(values, axes, keepdims=True)`, one run of adjacent axes at a time.
+
+    TensorFlow's CPU reduction over non-adjacent axes (e.g. (0, 2, 3) of a
+    ghost-batch view, or (0, 2) of a channels-first input) transposes the
+    whole tensor first, about 5x slower than reducing the innermost run and
+    then the small remainder.
+    """
+    runs = []
+    for axis in sorted(axes):
+        if runs and axis == runs[-1][-1] + 1:
+            runs[-1].append(axis)
+        else:
+            runs.append([axis])
+    for run in reversed(runs):
+        values = tf.reduce_sum(values, run, keepdims=True)
+    return values
+
+
+def replica_context():
     """The replica context when more than one replica is in sync, else None."""
     context = tf.distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync == 1:
@@ -91,9 +110,9 @@ def batch_moments(
     """
     x = tf.cast(x, tf.float32)
     axes = sorted(int(axis) for axis in reduction_axes)
-    context = _replica_context() if synchronized else None
+    context = replica_context() if synchronized else None
 
-    shift = _shift(x, axes)
+    shift = first_sample(x, axes)
     if context is not None:
         # Every replica must centre on the same value.
         shift = context.all_reduce(tf.distribute.ReduceOp.MEAN, shift)
@@ -102,11 +121,11 @@ def batch_moments(
     if mask is None:
         weights = None
         count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), tf.float32)
-        total = tf.reduce_sum(centred, axis=axes, keepdims=True)
+        total = sum_over_axes(centred, axes)
     else:
         weights = tf.broadcast_to(tf.cast(mask, tf.float32), tf.shape(x))
-        count = tf.reduce_sum(weights, axis=axes, keepdims=True)
-        total = tf.reduce_sum(centred * weights, axis=axes, keepdims=True)
+        count = sum_over_axes(weights, axes)
+        total = sum_over_axes(centred * weights, axes)
     if context is not None:
         count, total = context.all_reduce(tf.distribute.ReduceOp.SUM, [count, total])
     centred_mean = tf.math.divide_no_nan(total, count)
@@ -114,7 +133,7 @@ def batch_moments(
     deviation = tf.math.squared_difference(centred, centred_mean)
     if weights is not None:
         deviation = deviation * weights
-    squared = tf.reduce_sum(deviation, axis=axes, keepdims=True)
+    squared = sum_over_axes(deviation, axes)
     if context is not None:
         squared = context.all_reduce(tf.distribute.ReduceOp.SUM, squared)
     variance = tf.math.divide_no_nan(squared, count)
