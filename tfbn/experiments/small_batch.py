@@ -14,8 +14,11 @@ from tfbn.experiments import common
 from tfbn.layers.batch_normalization import BatchNormalization
 
 BATCH_SIZES = (2, 4, 8, 16, 32, 64, 128)
+# The paper's clipping; renorm_momentum 0.9 rather than 0.99 because these
+# runs are short: with 0.99 the renorm statistics lag the drifting features
+# for ~100 of the 400 steps and renorm then trains worse than plain BN.
 RENORM = {"renorm": True, "renorm_clipping": {"rmax": 3.0, "rmin": 1.0 / 3.0, "dmax": 5.0},
-          "renorm_momentum": 0.99}
+          "renorm_momentum": 0.9}
 
 
 def variant_kwargs(variant: str, batch_size: int) -> dict:
@@ -70,7 +73,7 @@ def run(config: common.ExperimentConfig) -> common.ExperimentResult:
     summary = (
         f"ReLU MLP with two BN layers (momentum 0.9), Adam(1e-3), {steps} steps per run. "
         "Ghost BN uses ghost batches of a quarter of the batch (none below 8); renorm clips "
-        "r to [1/3, 3] and d to [-5, 5].\n\n"
+        "r to [1/3, 3] and d to [-5, 5] with renorm_momentum 0.9 (0.99 lags on a run this short).\n\n"
         "| variant | batch size | test accuracy (inference) | test accuracy (batch statistics) |\n"
         "|---|---|---|---|\n" + table
     )
