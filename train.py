@@ -1,13 +1,15 @@
 """Trains or partially fine-tunes a BN model: `python train.py --flagfile=configs/<name>.flags`.
 
 Flags are defined in `tfbn/flags.py`; this entry point only parses them,
-turns them into a `TrainConfig` and hands it to the trainer.
+turns them into a `TrainConfig`, sets up the devices and the
+`tf.distribute` strategy (which must come first), and hands both to the
+trainer.
 """
 
 from absl import app, flags, logging
 
 from tfbn import flags as tfbn_flags
-from tfbn.finetune import trainer
+from tfbn.finetune import distribution, trainer
 
 FLAGS = flags.FLAGS
 tfbn_flags.define_flags(FLAGS)
@@ -20,7 +22,12 @@ def main(argv):
     if not FLAGS["verbosity"].present:
         # TFDS logs every file it opens at INFO; the progress bar is the signal.
         logging.set_verbosity(logging.WARNING)
-    trainer.train(tfbn_flags.config_from_flags(FLAGS))
+    config = tfbn_flags.config_from_flags(FLAGS)
+    # Both must happen before TensorFlow initialises its devices: logical
+    # CPUs cannot be split later, and collective ops are configured at start.
+    distribution.configure_logical_cpus(config.num_cpu_devices)
+    strategy = distribution.make_strategy(config.strategy)
+    trainer.train(config, strategy)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ def test_defaults_are_valid():
         ("checkpoint_interval", 0),
         ("eval_interval", -1),
         ("verbose", 3),
+        ("strategy", "horovod"),
+        ("num_cpu_devices", -1),
     ],
 )
 def test_bad_values_name_the_flag(field, value):

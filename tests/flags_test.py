@@ -37,11 +37,19 @@ def test_flags_build_the_typed_config():
         (["--learning_rate=0"], "--learning_rate"),
         (["--frozen_bn_mode=frozen"], "frozen_bn_mode"),
         (["--restore_part=backbone/"], "--restore_part"),
+        (["--strategy=horovod"], "strategy"),
+        (["--num_cpu_devices=-1"], "--num_cpu_devices"),
     ],
 )
 def test_validators_reject_bad_values_naming_the_flag(argv, flag):
     with pytest.raises(flags.Error, match=flag.replace("[", r"\[")):
         parse("--model_dir=/tmp/r", *argv)
+
+
+def test_distribution_flags():
+    config = parse("--model_dir=/tmp/r", "--strategy=mirrored", "--num_cpu_devices=2", "--sync_bn")
+    assert (config.strategy, config.num_cpu_devices, config.sync_bn) == ("mirrored", 2, True)
+    assert (parse("--model_dir=/tmp/r").strategy, parse("--model_dir=/tmp/r").sync_bn) == ("default", False)
 
 
 def test_model_dir_is_required():

@@ -15,6 +15,7 @@ from typing import Callable, Dict, Optional, Tuple
 FROZEN_BN_MODES = ("inference", "batch", "adapt")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop")
 LR_SCHEDULES = ("constant", "cosine", "step")
+STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,9 @@ class TrainConfig:
     dry_run: bool = False
     export_dir: Optional[str] = None
     export: bool = True
+    strategy: str = "default"
+    num_cpu_devices: int = 0
+    sync_bn: bool = False
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -186,4 +190,6 @@ FIELD_CHECKS: Dict[str, Callable[[object], Optional[str]]] = {
     "summary_interval": _positive_int,
     "seed": _non_negative_int,
     "verbose": _verbose,
+    "strategy": _choice(STRATEGIES),
+    "num_cpu_devices": _non_negative_int,
 }

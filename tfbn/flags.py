@@ -106,6 +106,21 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                         "<model_dir>/export.", flag_values=fv)
     flags.DEFINE_boolean("export", default("export"), "Export the final model.",
                          flag_values=fv)
+    flags.DEFINE_enum("strategy", default("strategy"), list(config_lib.STRATEGIES),
+                      "tf.distribute strategy: default (one device), mirrored (one replica "
+                      "per GPU, or per logical CPU device), multi_worker (cluster from "
+                      "TF_CONFIG; the chief writes checkpoints, logs and reports) or tpu "
+                      "(untested). --batch_size is the global batch, split evenly over "
+                      "the replicas.", flag_values=fv)
+    flags.DEFINE_integer("num_cpu_devices", default("num_cpu_devices"), "Split the CPU into "
+                         "this many logical devices before TensorFlow starts (local "
+                         "multi-replica runs and tests); 0 keeps the device setup.",
+                         flag_values=fv)
+    flags.DEFINE_boolean("sync_bn", default("sync_bn"), "Make every BN layer synchronized: "
+                         "batch statistics of the global batch across replicas. Without "
+                         "it each replica normalizes with its local batch and the moving "
+                         "statistics take the mean of the replicas' updates.",
+                         flag_values=fv)
     flags.mark_flag_as_required("model_dir", flag_values=fv)
 
     for name, check in config_lib.FIELD_CHECKS.items():

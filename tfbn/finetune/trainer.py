@@ -20,6 +20,13 @@ Stock `keras.layers.BatchNormalization` layers update their statistics
 inside the forward pass; the step snapshots them first and writes the
 snapshot back whenever their update must not happen (`batch` mode, or a
 skipped step), so they follow the same contract.
+
+The same step runs under every `tf.distribute` strategy (`--strategy`, see
+`tfbn.finetune.distribution`): one replica function per replica, the
+finite verdict all-reduced so all replicas apply or all skip, and BN
+updates applied once per replica step in the replica context. Under
+`multi_worker` only the chief writes checkpoints, logs, reports and the
+export; the other workers save to throw-away directories.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from tfbn import models as models_lib
 from tfbn.config import TrainConfig
 from tfbn.deferred_updates import deferred_updates
 from tfbn.finetune import checkpoint as checkpoint_lib
+from tfbn.finetune import distribution
 from tfbn.finetune import report as report_lib
 from tfbn.finetune import scopes
 from tfbn.finetune import summaries
@@ -113,19 +121,42 @@ def configure_bn_modes(plan: scopes.UpdatePlan) -> List[tuple]:
     return previous
 
 
-def make_train_step(model, optimizer, plan: scopes.UpdatePlan, global_step, skipped_steps):
+def make_train_step(model, optimizer, plan: scopes.UpdatePlan, global_step, skipped_steps, strategy=None):
     """Builds the `tf.function` train step for `plan` (call `configure_bn_modes` first).
 
+    The same step runs under every strategy; the default strategy is the
+    one-replica case. Each replica opens its own `deferred_updates()`
+    collector (collectors are per thread, and `MirroredStrategy` runs
+    replicas in threads), scales its loss by the global batch size, and
+    checks its loss and gradients. The verdict is all-reduced, so every
+    replica takes the same branch. Because `tf.distribute` forbids
+    cross-replica synchronisation inside a replica's `tf.cond`, the branch is
+    taken in the cross-replica context (`merge_call`), where each replica
+    then applies the all-reduced gradients (`optimizer.apply` sums them) and
+    its pending BN updates. tfbn moving statistics are MEAN-aggregated
+    mirrored variables, so the update leaves every replica with the same
+    statistics (the global-batch ones under `--sync_bn`, else the mean of
+    the local ones); stock Keras BN statistics (aggregation NONE) are averaged
+    explicitly to the same effect.
+
     Args:
-        model: The model; it must map images to logits.
+        model: The model; it must map images to logits. Create it, and its
+            optimizer and the step variables, under `strategy.scope()`.
         optimizer: A built optimizer for `plan.update_variables`.
         plan: The update plan.
         global_step: int64 variable incremented by every step.
         skipped_steps: int64 variable incremented by every skipped step.
+        strategy: The `tf.distribute.Strategy`; None means the current one
+            (the default strategy outside any scope).
 
     Returns:
-        `step(images, labels) -> {"loss", "accuracy", "applied"}`.
+        `step(images, labels) -> {"loss", "accuracy", "applied"}`: the global
+        batch's mean loss and accuracy, and whether the step was applied.
+        Under a strategy with several replicas, pass per-replica values
+        (`distribution.distribute_batch`); otherwise plain batches.
     """
+    if strategy is None:
+        strategy = tf.distribute.get_strategy()
     update_variables = list(plan.update_variables)
     mode_by_layer = {id(layer): mode for layer, mode in plan.bn_modes}
     stock_layers = [
@@ -134,8 +165,30 @@ def make_train_step(model, optimizer, plan: scopes.UpdatePlan, global_step, skip
         if not isinstance(layer, BatchNormalization) and mode != "inference"
     ]
 
-    @tf.function
-    def step(images, labels):
+    def apply_in_replica(grads, updates):
+        optimizer.apply(grads, update_variables)
+        # Path-level selection of the pending updates to run (exact paths).
+        apply_paths = sorted(
+            {u.path for u in updates.pending if mode_by_layer.get(id(u.layer)) in _UPDATING_MODES}
+        )
+        if apply_paths:
+            updates.apply(include=[re.escape(path) + "$" for path in apply_paths])
+
+    def apply_or_skip(cross_replica_strategy, finite, grads, updates):
+        # Cross-replica context: every replica reported the same verdict.
+        finite = cross_replica_strategy.experimental_local_results(finite)[0]
+
+        def apply_all():
+            cross_replica_strategy.extended.call_for_each_replica(apply_in_replica, args=(grads, updates))
+            return tf.constant(True)
+
+        return tf.cond(finite, apply_all, lambda: tf.constant(False))
+
+    def replica_step(images, labels):
+        context = tf.distribute.get_replica_context()
+        replicas = context.num_replicas_in_sync
+        local_count = tf.cast(tf.shape(labels)[0], tf.float32)
+        global_count = context.all_reduce(tf.distribute.ReduceOp.SUM, local_count)
         stock_before = [
             (layer, mode, tf.identity(layer.moving_mean.value), tf.identity(layer.moving_variance.value))
             for layer, mode in stock_layers
@@ -144,37 +197,46 @@ def make_train_step(model, optimizer, plan: scopes.UpdatePlan, global_step, skip
             with tf.GradientTape(watch_accessed_variables=False) as tape:
                 tape.watch([variable.value for variable in update_variables])
                 logits = tf.cast(model(images, training=True), tf.float32)
-                loss = tf.reduce_mean(
-                    keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
-                )
+                losses = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+                # Summed over the replicas (optimizer.apply all-reduces the
+                # gradients), this is the global batch's mean loss.
+                loss = tf.reduce_sum(losses) / global_count
                 if model.losses:
-                    loss = loss + tf.add_n([tf.cast(l, tf.float32) for l in model.losses])
+                    loss = loss + tf.add_n([tf.cast(l, tf.float32) for l in model.losses]) / replicas
             grads = tape.gradient(loss, [variable.value for variable in update_variables])
             grads = [tf.zeros_like(v.value) if g is None else g for g, v in zip(grads, update_variables)]
-            finite = tf.reduce_all(
+            local_finite = tf.reduce_all(
                 [tf.reduce_all(tf.math.is_finite(loss))] + [tf.reduce_all(tf.math.is_finite(g)) for g in grads]
             )
-            # Path-level selection of the pending updates to run (exact paths).
-            apply_paths = sorted(
-                {u.path for u in updates.pending if mode_by_layer.get(id(u.layer)) in _UPDATING_MODES}
+            non_finite = context.all_reduce(
+                tf.distribute.ReduceOp.SUM, tf.cast(tf.logical_not(local_finite), tf.float32)
             )
-
-            def apply_all():
-                optimizer.apply(grads, update_variables)
-                if apply_paths:
-                    updates.apply(include=[re.escape(path) + "$" for path in apply_paths])
-                return tf.constant(True)
-
-            applied = tf.cond(finite, apply_all, lambda: tf.constant(False))
+            # Each replica's collector travels to its own replica in the branch.
+            applied = context.merge_call(apply_or_skip, args=(tf.equal(non_finite, 0.0), grads, updates))
             updates.discard()
         for layer, mode, mean, variance in stock_before:
             keep = applied if mode in _UPDATING_MODES else tf.constant(False)
-            layer.moving_mean.assign(tf.where(keep, layer.moving_mean.value, mean))
-            layer.moving_variance.assign(tf.where(keep, layer.moving_variance.value, variance))
+            for variable, before in ((layer.moving_mean, mean), (layer.moving_variance, variance)):
+                value = tf.where(keep, variable.value, before)
+                if replicas > 1:
+                    # Stock statistics are per replica (aggregation NONE):
+                    # average them so every replica holds the same values.
+                    value = context.all_reduce(tf.distribute.ReduceOp.MEAN, value)
+                variable.assign(value)
+        correct = tf.reduce_sum(
+            tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32)
+        )
+        total_loss, total_correct = context.all_reduce(tf.distribute.ReduceOp.SUM, [loss, correct])
+        return {"loss": total_loss, "accuracy": total_correct / global_count, "applied": applied}
+
+    @tf.function
+    def step(images, labels):
+        outputs = strategy.run(replica_step, args=(images, labels))
+        # Every replica returns the same global values.
+        outputs = {name: strategy.experimental_local_results(value)[0] for name, value in outputs.items()}
         global_step.assign_add(1)
-        skipped_steps.assign_add(tf.cast(tf.logical_not(applied), tf.int64))
-        accuracy = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))
-        return {"loss": loss, "accuracy": accuracy, "applied": applied}
+        skipped_steps.assign_add(tf.cast(tf.logical_not(outputs["applied"]), tf.int64))
+        return outputs
 
     return step
 
@@ -226,38 +288,57 @@ def _say(config: TrainConfig, text: str) -> None:
         print(text, flush=True)
 
 
-def train(config: TrainConfig) -> TrainResult:
+def train(config: TrainConfig, strategy: Optional[tf.distribute.Strategy] = None) -> TrainResult:
     """Runs (or resumes) one training run described by `config`.
 
     Args:
         config: The validated configuration.
+        strategy: The strategy to run under; None builds the one
+            `config.strategy` names (after splitting the CPU into
+            `config.num_cpu_devices` logical devices). Pass one to share a
+            strategy between runs in one process (TensorFlow caches
+            collective state per process).
 
     Returns:
-        The `TrainResult`.
+        The `TrainResult`. On a non-chief worker `bn_rows` is None: only the
+        chief writes reports.
 
     Raises:
         ValueError: For patterns that match nothing, checkpoints that do not
-            fit, and unusable data.
+            fit, a batch that does not split over the replicas, and unusable
+            data.
     """
+    if strategy is None:
+        distribution.configure_logical_cpus(config.num_cpu_devices)
+        strategy = distribution.make_strategy(config.strategy)
+    role = distribution.worker_role(strategy)
+    if not role.is_chief:
+        config = dataclasses.replace(config, verbose=0)
+    distribution.replica_batch_size(config.batch_size, strategy)
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
     train_split = data_lib.load_split(config.dataset, config.train_split, config.image_size, config.data_dir)
     eval_name = data_lib.resolve_eval_split(config.dataset, config.eval_split, config.data_dir)
     eval_split = data_lib.load_split(config.dataset, eval_name, config.image_size, config.data_dir)
-    model = models_lib.build_model(
-        config.model,
-        train_split.num_classes,
-        train_split.images.shape[1:],
-        bn_momentum=config.bn_momentum,
-        bn_epsilon=config.bn_epsilon,
-    )
-    plan = scopes.plan_update(
-        model, config.update_part, config.freeze_part, config.freeze_batchnorm, config.frozen_bn_mode
-    )
-    optimizer = make_optimizer(config, plan.update_variables)
-    global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
-    skipped_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps")
+    with strategy.scope():
+        model = models_lib.build_model(
+            config.model,
+            train_split.num_classes,
+            train_split.images.shape[1:],
+            bn_momentum=config.bn_momentum,
+            bn_epsilon=config.bn_epsilon,
+        )
+        if config.sync_bn:
+            distribution.synchronize_batch_norm(model)
+        plan = scopes.plan_update(
+            model, config.update_part, config.freeze_part, config.freeze_batchnorm, config.frozen_bn_mode
+        )
+        optimizer = make_optimizer(config, plan.update_variables)
+        global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+        skipped_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps")
     ckpt = checkpoint_lib.make_checkpoint(model, optimizer, global_step, skipped_steps)
+    # Every worker resumes from the chief's checkpoints; each saves through
+    # its own manager (see `WorkerRole.checkpoint_dir`).
     manager = tf.train.CheckpointManager(ckpt, config.model_dir, max_to_keep=config.max_to_keep)
 
     if config.dry_run:
@@ -274,8 +355,9 @@ def train(config: TrainConfig) -> TrainResult:
         return TrainResult(model, plan, int(global_step.numpy()), int(skipped_steps.numpy()))
 
     tf.io.gfile.makedirs(config.model_dir)
-    with open(os.path.join(config.model_dir, "flags.txt"), "w") as stream:
-        stream.write(config.to_flagfile())
+    if role.is_chief:
+        with open(os.path.join(config.model_dir, "flags.txt"), "w") as stream:
+            stream.write(config.to_flagfile())
     result = TrainResult(model, plan, 0, 0)
     result.resumed_from = checkpoint_lib.resume(ckpt, manager)
     bn_layers = [layer for layer, _ in plan.bn_modes]
@@ -287,21 +369,31 @@ def train(config: TrainConfig) -> TrainResult:
             model, config.init_checkpoint, config.restore_part, config.restore_exclude
         )
         _say(config, result.restore_report.summary())
-    if result.resumed_from and os.path.exists(baseline_path):
+    if not role.is_chief:
+        baseline = None
+    elif result.resumed_from and os.path.exists(baseline_path):
         baseline = report_lib.load_snapshot(baseline_path)
     else:
         baseline = report_lib.snapshot(bn_layers)
         report_lib.save_snapshot(baseline_path, baseline)
+    saver = manager
+    if not role.is_chief:
+        saver = tf.train.CheckpointManager(ckpt, role.checkpoint_dir(config.model_dir), max_to_keep=1)
 
     previous_trainable = configure_bn_modes(plan)
     _say(config, f"Training {len(plan.update_variables)} variables under "
                  f"{scopes.known_prefixes([v.path for v in plan.update_variables], depth=1)}; "
-                 "BN modes: " + ", ".join(f"{layer.path}={mode}" for layer, mode in plan.bn_modes))
+                 "BN modes: " + ", ".join(f"{layer.path}={mode}" for layer, mode in plan.bn_modes)
+                 + f"; {strategy.num_replicas_in_sync} replica(s) in sync"
+                 + (", synchronized BN" if config.sync_bn else ""))
     try:
-        _run_loop(config, model, plan, optimizer, global_step, skipped_steps, manager, train_split, eval_split, result)
+        _run_loop(config, strategy, role, model, plan, optimizer, global_step, skipped_steps, saver,
+                  train_split, eval_split, result)
     finally:
         for layer, trainable in previous_trainable:
             layer.trainable = trainable
+    if not role.is_chief:
+        return result
 
     result.bn_rows = report_lib.bn_report(plan, baseline)
     report_lib.write_report(os.path.join(config.model_dir, "bn_report.json"), result.bn_rows)
@@ -321,20 +413,42 @@ def train(config: TrainConfig) -> TrainResult:
     return result
 
 
-def _run_loop(config, model, plan, optimizer, global_step, skipped_steps, manager, train_split, eval_split, result):
-    """The step loop: train, log, evaluate, checkpoint."""
-    train_step = make_train_step(model, optimizer, plan, global_step, skipped_steps)
+class _NoLogger:
+    """Stands in for `summaries.RunLogger` on non-chief workers, which log nothing."""
+
+    def scalars(self, split, step, metrics):
+        del split, step, metrics
+
+    def bn_histograms(self, step, bn_layers):
+        del step, bn_layers
+
+    def close(self):
+        pass
+
+
+def _save(saver, role, step):
+    """Saves a checkpoint; a non-chief worker deletes its throw-away copy."""
+    saver.save(checkpoint_number=step)
+    if not role.is_chief:
+        tf.io.gfile.rmtree(saver.directory)
+
+
+def _run_loop(config, strategy, role, model, plan, optimizer, global_step, skipped_steps, saver,
+              train_split, eval_split, result):
+    """The step loop: train, log, evaluate (chief), checkpoint (every worker)."""
+    train_step = make_train_step(model, optimizer, plan, global_step, skipped_steps, strategy)
     eval_step = make_eval_step(model)
     eval_data = data_lib.eval_batches(eval_split, config.batch_size, config.eval_batches)
-    logger = summaries.RunLogger(config.model_dir)
+    logger = summaries.RunLogger(config.model_dir) if role.is_chief else _NoLogger()
     bn_layers = [layer for layer, _ in plan.bn_modes]
     start = int(global_step.numpy())
     batches = data_lib.train_batches(train_split, config.batch_size, config.seed, start, config.train_steps)
     progbar = keras.utils.Progbar(config.train_steps, stateful_metrics=["loss", "accuracy", "steps/sec"]) if config.verbose == 1 else None
     window_loss, window_accuracy, window_start, window_steps = [], [], time.perf_counter(), 0
+    last_saved = None
     try:
         for images, labels in batches:
-            outputs = train_step(images, labels)
+            outputs = train_step(*distribution.distribute_batch(strategy, images, labels))
             step = int(global_step.numpy())
             window_steps += 1
             if bool(outputs["applied"]):
@@ -360,16 +474,20 @@ def _run_loop(config, model, plan, optimizer, global_step, skipped_steps, manage
                 elif config.verbose == 2:
                     print(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
                 window_loss, window_accuracy, window_start, window_steps = [], [], time.perf_counter(), 0
-            if config.eval_interval and step % config.eval_interval == 0 and step != config.train_steps:
+            evaluate_now = config.eval_interval and step % config.eval_interval == 0 and step != config.train_steps
+            if role.is_chief and evaluate_now:
                 _log_eval(config, logger, step, evaluate(eval_step, eval_data))
             if step % config.checkpoint_interval == 0:
-                manager.save(checkpoint_number=step)
+                _save(saver, role, step)
+                last_saved = step
         step = int(global_step.numpy())
-        if manager.latest_checkpoint is None or not manager.latest_checkpoint.endswith(f"-{step}"):
-            manager.save(checkpoint_number=step)
-        result.eval_metrics = evaluate(eval_step, eval_data)
-        _log_eval(config, logger, step, result.eval_metrics)
-        logger.bn_histograms(step, bn_layers)
+        resumed_at_end = result.resumed_from is not None and result.resumed_from.endswith(f"-{step}")
+        if last_saved != step and not resumed_at_end:
+            _save(saver, role, step)
+        if role.is_chief:
+            result.eval_metrics = evaluate(eval_step, eval_data)
+            _log_eval(config, logger, step, result.eval_metrics)
+            logger.bn_histograms(step, bn_layers)
     finally:
         logger.close()
     result.global_step = int(global_step.numpy())
