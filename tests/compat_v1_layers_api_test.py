@@ -220,6 +220,27 @@ def test_virtual_batch_size_and_adjustment_match_tf2_layer_ghost_batches():
     np.testing.assert_allclose(adjusted[0], plain[0] * 2.0 + 0.5, atol=1e-6)
 
 
+def test_adjustment_gets_the_ghost_batch_view_as_in_tf_layers():
+    x = _data((8, 3))
+    ghost, per_ghost = 4, 2
+    rng = np.random.default_rng(7)
+    adjust_scale = rng.uniform(0.5, 1.5, (ghost, per_ghost, 1)).astype(np.float32)
+    adjust_bias = rng.normal(0.0, 0.1, (ghost, per_ghost, 1)).astype(np.float32)
+    seen_shapes = []
+
+    def adjustment(shape):
+        seen_shapes.append(shape)
+        return tf.constant(adjust_scale), tf.constant(adjust_bias)
+
+    gamma_init = tf.compat.v1.constant_initializer(1.5)
+    outputs, _, _ = _train_in_graph([x], virtual_batch_size=ghost, adjustment=adjustment, gamma_initializer=gamma_init)
+    assert len(seen_shapes) == 1 and seen_shapes[0].shape.as_list() == [3]
+    view = x.reshape(ghost, per_ghost, 3).astype(np.float64)
+    x_hat = (view - view.mean(0)) / np.sqrt(view.var(0) + 1e-3)
+    want = 1.5 * (adjust_scale * x_hat + adjust_bias)
+    np.testing.assert_allclose(outputs[0], want.reshape(8, 3), rtol=1e-5, atol=1e-5)
+
+
 def test_saver_round_trip(tmp_path):
     batch = _data((6, 2, 2, 3))
     prefix = str(tmp_path / "model.ckpt")

@@ -19,7 +19,7 @@ What it adds to the stock layer, each pinned by tests:
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import keras
 import tensorflow as tf
@@ -28,11 +28,11 @@ from tfbn import closed_form
 from tfbn import fused as fused_lib
 from tfbn import moments as moments_lib
 from tfbn import moving_averages
+from tfbn import renorm as renorm_lib
 from tfbn.deferred_updates import PendingUpdate, active_collector
 from tfbn.training_flag import resolve_training
 
 VARIANCE_ESTIMATORS = ("biased", "unbiased")
-_RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 # An update needs at least two values per feature: with one, the variance is
 # 0 (biased) or undefined (unbiased) and says nothing about the population.
 _MIN_VALUES_PER_FEATURE = 2
@@ -69,24 +69,6 @@ def _validate_momentum(name: str, momentum, allow_none: bool) -> Optional[float]
             "so PyTorch's momentum=0.1 is 0.9 here."
         )
     return value
-
-
-def _validate_renorm_clipping(renorm_clipping) -> dict:
-    clipping = dict(renorm_clipping or {})
-    unknown = set(clipping) - set(_RENORM_CLIPPING_KEYS)
-    if unknown:
-        raise ValueError(
-            f"`renorm_clipping` has unknown keys {sorted(unknown)}; the keys "
-            f"are {list(_RENORM_CLIPPING_KEYS)}. Received {renorm_clipping!r}."
-        )
-    rmin, rmax, dmax = (clipping.get(key) for key in ("rmin", "rmax", "dmax"))
-    if rmin is not None and rmax is not None and rmax < rmin:
-        raise ValueError(
-            f"`renorm_clipping` needs rmax >= rmin; received rmin={rmin}, rmax={rmax}."
-        )
-    if dmax is not None and dmax < 0:
-        raise ValueError(f"`renorm_clipping` needs dmax >= 0; received dmax={dmax}.")
-    return clipping
 
 
 def _assign(variable, value):
@@ -223,7 +205,7 @@ class BatchNormalization(keras.layers.Layer):
         self.beta_constraint = keras.constraints.get(beta_constraint)
         self.gamma_constraint = keras.constraints.get(gamma_constraint)
         self.renorm = bool(renorm)
-        self.renorm_clipping = _validate_renorm_clipping(renorm_clipping) if renorm else None
+        self.renorm_clipping = renorm_lib.validate_clipping(renorm_clipping) if renorm else None
         self.renorm_momentum = _validate_momentum(
             "renorm_momentum", renorm_momentum, allow_none=False
         )
@@ -557,20 +539,14 @@ class BatchNormalization(keras.layers.Layer):
         )
 
     def _renorm_correction(self, mean, variance, broadcast):
-        stddev = tf.sqrt(variance + self.epsilon)
-        renorm_mean = broadcast(self.renorm_mean.value)
-        # Keeps r and d finite early in training, as tf-keras and Keras do.
-        renorm_stddev = tf.maximum(broadcast(self.renorm_stddev.value), tf.sqrt(self.epsilon))
-        r = stddev / renorm_stddev
-        d = (mean - renorm_mean) / renorm_stddev
-        clipping = self.renorm_clipping
-        if clipping.get("rmin") is not None:
-            r = tf.maximum(r, clipping["rmin"])
-        if clipping.get("rmax") is not None:
-            r = tf.minimum(r, clipping["rmax"])
-        if clipping.get("dmax") is not None:
-            d = tf.clip_by_value(d, -clipping["dmax"], clipping["dmax"])
-        return tf.stop_gradient(r), tf.stop_gradient(d)
+        return renorm_lib.correction(
+            mean,
+            variance,
+            broadcast(self.renorm_mean.value),
+            broadcast(self.renorm_stddev.value),
+            self.epsilon,
+            self.renorm_clipping,
+        )
 
     def _training_or_inference(self, training, x, mask, fused):
         """Both modes behind a `tf.bool` tensor; the update is gated on it."""
@@ -628,19 +604,26 @@ class BatchNormalization(keras.layers.Layer):
 
         new_values = [(self.moving_mean, folded(self.moving_mean, mean))]
         if self.renorm:
-            batch_stddev = tf.sqrt(variance + self.epsilon)
-            moving_stddev = folded(self.moving_stddev, batch_stddev)
-            # Keras derives the variance from the stddev; relu guards rounding.
-            derived_variance = tf.nn.relu(moving_stddev * moving_stddev - self.epsilon)
-            old_variance = tf.convert_to_tensor(self.moving_variance.value)
-            new_values += [
-                (self.moving_stddev, moving_stddev),
-                (self.moving_variance, tf.where(valid, derived_variance, old_variance)),
-                (self.renorm_mean, folded(self.renorm_mean, mean, self.renorm_momentum)),
-                (
-                    self.renorm_stddev,
-                    folded(self.renorm_stddev, batch_stddev, self.renorm_momentum),
+            renormed = renorm_lib.updated_statistics(
+                renorm_lib.RenormStatistics(
+                    moving_stddev=tf.convert_to_tensor(self.moving_stddev.value),
+                    moving_variance=tf.convert_to_tensor(self.moving_variance.value),
+                    renorm_mean=tf.convert_to_tensor(self.renorm_mean.value),
+                    renorm_stddev=tf.convert_to_tensor(self.renorm_stddev.value),
                 ),
+                mean,
+                variance,
+                epsilon=self.epsilon,
+                momentum=self.momentum,
+                renorm_momentum=self.renorm_momentum,
+                valid=valid,
+                num_batches=num_batches,
+            )
+            new_values += [
+                (self.moving_stddev, renormed.moving_stddev),
+                (self.moving_variance, renormed.moving_variance),
+                (self.renorm_mean, renormed.renorm_mean),
+                (self.renorm_stddev, renormed.renorm_stddev),
             ]
         else:
             new_values.append((self.moving_variance, folded(self.moving_variance, variance)))

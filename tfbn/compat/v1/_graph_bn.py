@@ -2,9 +2,11 @@
 
 `batch_normalization` (tf.layers style) and `batch_norm` (contrib/slim style)
 differ in argument names, defaults, variable scopes and collections; the
-computation is this module's. The batch statistics come from
-`tfbn.moments.batch_moments` and the moving averages from
-`tfbn.moving_averages`, so the numbers are those of `tfbn.BatchNormalization`.
+graph wiring is this module's and the numerics are those of
+`tfbn.BatchNormalization`: the fused kernel (`tfbn.fused`) where it can run,
+otherwise `tfbn.closed_form` (ghost batches, batch weights, adjustment,
+renorm), the moving averages of `tfbn.moving_averages` and the renorm math
+of `tfbn.renorm`.
 
 Updates are returned as `(variable, new_value)` pairs, each new value already
 gated with `tf.where(valid, new, old)`: when the training flag is a tensor fed
@@ -16,18 +18,23 @@ trick without the rounding of `old - (old - batch) * 0`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
+from tfbn import closed_form
+from tfbn import fused as fused_lib
 from tfbn import moments as moments_lib
 from tfbn import moving_averages
+from tfbn import renorm as renorm_lib
 from tfbn.training_flag import resolve_training
 
 VARIANCE_ESTIMATORS = ("biased", "unbiased")
 # TF1's `tf.nn.fused_batch_norm` silently raised smaller epsilons to this
 # (a cuDNN requirement), so fused-path numbers used it.
 FUSED_MIN_EPSILON = 1.001e-5
+# The extra variables of a renorm layer, in tf-keras / Keras 3 order.
+RENORM_VARIABLE_NAMES = ("moving_stddev", "renorm_mean", "renorm_stddev")
 # An update needs two values per feature; one value has no variance.
 _MIN_VALUES_PER_FEATURE = 2
 
@@ -36,12 +43,41 @@ Update = Tuple[tf.Variable, tf.Tensor]
 
 @dataclasses.dataclass(frozen=True)
 class GraphBNVariables:
-    """The variables of one graph-mode BN layer (gamma/beta None when disabled)."""
+    """The variables of one graph-mode BN layer.
+
+    `gamma`/`beta` are None when disabled, the renorm ones without renorm.
+    """
 
     gamma: Optional[tf.Variable]
     beta: Optional[tf.Variable]
     moving_mean: tf.Variable
     moving_variance: tf.Variable
+    moving_stddev: Optional[tf.Variable] = None
+    renorm_mean: Optional[tf.Variable] = None
+    renorm_stddev: Optional[tf.Variable] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Renorm:
+    """Batch Renormalization settings (see `tfbn.renorm`).
+
+    Attributes:
+        clipping: A validated `renorm_clipping` dict.
+        momentum: Momentum of `renorm_mean` and `renorm_stddev`.
+    """
+
+    clipping: Mapping
+    momentum: float
+
+
+def _sqrt_of(initializer: Callable) -> Callable:
+    """An initializer for a stddev, from the one of its variance (as Keras)."""
+
+    def stddev_initializer(shape, dtype=tf.float32, partition_info=None):
+        del partition_info  # Only used by partitioned variables.
+        return tf.sqrt(initializer(shape, dtype=dtype))
+
+    return stddev_initializer
 
 
 def create_variables(
@@ -54,6 +90,7 @@ def create_variables(
     constraints: Dict[str, Optional[Callable]],
     trainable: bool,
     collections: Dict[str, List[str]],
+    renorm: bool = False,
 ) -> GraphBNVariables:
     """Creates (or reuses) the variables in the current variable scope.
 
@@ -69,10 +106,12 @@ def create_variables(
         trainable: Whether gamma and beta are trainable variables.
         collections: Per name, the collections the variable belongs to (None
             keeps `get_variable`'s default, `GLOBAL_VARIABLES`).
+        renorm: Whether to also create `moving_stddev`, `renorm_mean` and
+            `renorm_stddev` (tf-keras' renorm layout), initialized from the
+            moving mean and the square root of the moving variance ones.
 
     Returns:
-        A `GraphBNVariables` of float32 variables named `gamma`, `beta`,
-        `moving_mean`, `moving_variance`, as TF1 named them.
+        A `GraphBNVariables` of float32 variables named as TF1 named them.
     """
     defaults = {
         "gamma": tf.compat.v1.ones_initializer(),
@@ -80,13 +119,20 @@ def create_variables(
         "moving_mean": tf.compat.v1.zeros_initializer(),
         "moving_variance": tf.compat.v1.ones_initializer(),
     }
+    chosen = {name: initializers.get(name) or default for name, default in defaults.items()}
+    stddev_initializer = _sqrt_of(chosen["moving_variance"])
+    chosen.update(
+        moving_stddev=stddev_initializer,
+        renorm_mean=chosen["moving_mean"],
+        renorm_stddev=stddev_initializer,
+    )
 
-    def variable(name, is_trainable):
+    def variable(name, is_trainable=False):
         return tf.compat.v1.get_variable(
             name,
             shape=list(param_shape),
             dtype=tf.float32,
-            initializer=initializers.get(name) or defaults[name],
+            initializer=chosen[name],
             regularizer=regularizers.get(name),
             constraint=constraints.get(name),
             trainable=is_trainable,
@@ -96,8 +142,9 @@ def create_variables(
     return GraphBNVariables(
         gamma=variable("gamma", trainable) if scale else None,
         beta=variable("beta", trainable) if center else None,
-        moving_mean=variable("moving_mean", False),
-        moving_variance=variable("moving_variance", False),
+        moving_mean=variable("moving_mean"),
+        moving_variance=variable("moving_variance"),
+        **{name: variable(name) for name in RENORM_VARIABLE_NAMES if renorm},
     )
 
 
@@ -163,6 +210,150 @@ def _broadcast(value, rank: int, feature_axes: Sequence[int], param_shape):
     return tf.reshape(value, shape)
 
 
+def _read_once(variables: GraphBNVariables, param_shape) -> GraphBNVariables:
+    """Every variable's value, read by one op each (ones/zeros for no gamma/beta).
+
+    The forward pass and the update ops use these same tensors, so their
+    reads precede the assignments; a second read in the same `Session.run`
+    could see an update that already ran (renorm's forward reads the
+    statistics it updates).
+    """
+
+    def read(variable):
+        return None if variable is None else tf.convert_to_tensor(variable)
+
+    values = {field.name: read(getattr(variables, field.name)) for field in dataclasses.fields(variables)}
+    if values["gamma"] is None:
+        values["gamma"] = tf.ones(param_shape)
+    if values["beta"] is None:
+        values["beta"] = tf.zeros(param_shape)
+    return GraphBNVariables(**values)
+
+
+def _general_training(x, values, *, feature_axes, epsilon, weights, ghost, adjustment, renorm):
+    """`tfbn.closed_form` with ghost batches, batch weights, adjustment, renorm.
+
+    Returns:
+        `(outputs, mean, biased variance, count)`, the statistics with kept
+        dims (the ghost-batch mean of them with ghost batches).
+    """
+    rank = x.shape.rank
+    param_shape = values.moving_mean.shape.as_list()
+    data, mask = x, None
+    if weights is not None:
+        mask = tf.reshape(tf.cast(weights, tf.float32), [-1] + [1] * (rank - 1))
+    offset = 0
+    if ghost is not None:
+        # tf.layers' ghost batches: view [N, ...] as [G, N // G, ...] and keep
+        # axis 1, so ghost batch j holds samples j, j + N/G, ...
+        def ghost_view(tensor):
+            shape = tf.shape(tensor)
+            return tf.reshape(tensor, tf.concat([[ghost, shape[0] // ghost], shape[1:]], 0))
+
+        data = ghost_view(x)
+        mask = None if mask is None else ghost_view(mask)
+        offset = 1
+    axes = [a + offset for a in feature_axes]
+    kept = set(axes) | ({1} if ghost is not None else set())
+    reduction_axes = [a for a in range(rank + offset) if a not in kept]
+
+    def broadcast(value):
+        return _broadcast(value, rank + offset, axes, param_shape)
+
+    correction = None
+    if renorm is not None:
+
+        def correction(mean, variance):
+            return renorm_lib.correction(
+                mean,
+                variance,
+                broadcast(values.renorm_mean),
+                broadcast(values.renorm_stddev),
+                epsilon,
+                renorm.clipping,
+            )
+
+    def batch_normalize(gamma, beta):
+        # A batch with no values (all weights 0) normalizes with the moving
+        # statistics rather than dividing by sqrt(epsilon), as the layer does.
+        return closed_form.batch_normalize(
+            data,
+            gamma,
+            beta,
+            reduction_axes,
+            epsilon,
+            fallback_mean=broadcast(values.moving_mean),
+            fallback_variance=broadcast(values.moving_variance),
+            mask=mask,
+            correction=correction,
+        )
+
+    gamma, beta = broadcast(values.gamma), broadcast(values.beta)
+    if adjustment is None:
+        outputs, stats = batch_normalize(gamma, beta)
+    else:
+        # tf.layers adjusted the normalized value inside gamma and beta,
+        # `gamma * (scale * x_hat + bias) + beta`, calling `adjustment` with
+        # the shape of the (ghost-batch view of the) input.
+        adjust_scale, adjust_bias = adjustment(tf.shape(data))
+        normalized, stats = batch_normalize(tf.ones_like(gamma), tf.zeros_like(beta))
+        adjusted = normalized * tf.cast(adjust_scale, tf.float32) + tf.cast(adjust_bias, tf.float32)
+        outputs = adjusted * gamma + beta
+    mean, variance, count = stats.mean, stats.variance, stats.count
+    if ghost is not None:
+        outputs = tf.reshape(outputs, tf.shape(x))
+        mean = tf.reduce_mean(mean, axis=1, keepdims=True)
+        variance = tf.reduce_mean(variance, axis=1, keepdims=True)
+        count = tf.reduce_min(count)
+    return outputs, mean, variance, count
+
+
+def _training(
+    x, values, *, feature_axes, epsilon, variance_estimator, fused_kernel, weights, ghost, adjustment, renorm
+):
+    """Normalizes with batch statistics; returns outputs, mean, variance, valid.
+
+    The fused kernel runs when allowed and none of the options only the
+    general path has (weights, ghost batches, adjustment, renorm) is set.
+    """
+    layout = None
+    general_only = (weights, ghost, adjustment, renorm)
+    if fused_kernel and len(feature_axes) == 1 and all(option is None for option in general_only):
+        layout = fused_lib.layout(x.shape.rank, feature_axes[0])
+    if layout is not None:
+        data_format, expand_axis = layout
+        outputs, mean, variance, count = fused_lib.batch_norm_training(
+            fused_lib.to_kernel_rank(x, expand_axis), values.gamma, values.beta, epsilon, data_format
+        )
+        outputs = tf.reshape(outputs, tf.shape(x))
+    else:
+        outputs, mean, variance, count = _general_training(
+            x,
+            values,
+            feature_axes=feature_axes,
+            epsilon=epsilon,
+            weights=weights,
+            ghost=ghost,
+            adjustment=adjustment,
+            renorm=renorm,
+        )
+    if weights is not None:
+        # Weighted counts are sums of weights: any positive total is usable.
+        enough = count > 0
+    else:
+        enough = count >= _MIN_VALUES_PER_FEATURE
+    if variance_estimator == "unbiased":
+        variance = moments_lib.bessel_corrected(variance, count)
+    param_shape = values.moving_mean.shape.as_list()
+    mean = tf.reshape(mean, param_shape)
+    variance = tf.reshape(variance, param_shape)
+    valid = tf.logical_and(
+        tf.reduce_all(enough),
+        tf.reduce_all(tf.math.is_finite(mean)) & tf.reduce_all(tf.math.is_finite(variance)),
+    )
+    return outputs, mean, variance, valid
+
+
 def normalize(
     inputs: tf.Tensor,
     variables: GraphBNVariables,
@@ -172,91 +363,67 @@ def normalize(
     momentum: float,
     training,
     variance_estimator: str,
+    fused_kernel: bool = True,
     batch_weights: Optional[tf.Tensor] = None,
     virtual_batch_size: Optional[int] = None,
     adjustment: Optional[Callable] = None,
+    renorm: Optional[Renorm] = None,
 ) -> Tuple[tf.Tensor, List[Update]]:
     """Builds the forward pass and the gated moving-statistics updates.
 
     Args:
         inputs: The input tensor (any float dtype; computed in float32).
-        variables: The layer's variables.
+        variables: The layer's variables (with the renorm ones for renorm).
         feature_axes: Sorted non-negative feature axes.
         epsilon: Added to the variance.
         momentum: Keras convention, `moving = momentum * moving + (1 -
             momentum) * batch` (TF1's `decay`).
         training: Python bool, 0/1, NumPy bool, or a scalar `tf.bool` tensor.
         variance_estimator: `"biased"` or `"unbiased"` moving variance.
+        fused_kernel: Whether the fused kernel may run (`tfbn.fused`: one
+            feature axis, last or 1, rank 2 to 5, and none of the options
+            below). A speed choice only: both paths give the same numbers
+            within float32 rounding.
         batch_weights: Optional `[batch]` weights of the samples in the
             statistics (contrib's weighted moments).
         virtual_batch_size: Optional ghost-batch size (tf.layers' meaning).
         adjustment: Optional tf.layers `adjustment(shape) -> (scale, bias)`,
+            called with the shape of the (ghost-batch view of the) input and
             applied to the normalized value in training only.
+        renorm: Batch Renormalization settings, or None.
 
     Returns:
         `(outputs, updates)`: the float32 output, and `(variable, new_value)`
-        pairs; empty when `training` is statically False.
+        pairs (`moving_mean`, `moving_variance`, then with renorm
+        `moving_stddev`, `renorm_mean`, `renorm_stddev`); empty when
+        `training` is statically False.
     """
     mode = resolve_training(training)
     x = tf.cast(inputs, tf.float32)
     rank = x.shape.rank
     param_shape = variables.moving_mean.shape.as_list()
-
-    def broadcast(value, target_rank=rank, axes=feature_axes):
-        return _broadcast(value, target_rank, axes, param_shape)
-
-    def affine():
-        gamma = variables.gamma if variables.gamma is not None else tf.ones(param_shape)
-        beta = variables.beta if variables.beta is not None else tf.zeros(param_shape)
-        return tf.convert_to_tensor(gamma), tf.convert_to_tensor(beta)
+    values = _read_once(variables, param_shape)
 
     def inference():
-        gamma, beta = affine()
-        a = gamma * tf.math.rsqrt(tf.convert_to_tensor(variables.moving_variance) + epsilon)
-        b = beta - tf.convert_to_tensor(variables.moving_mean) * a
-        return x * broadcast(a) + broadcast(b)
+        a = values.gamma * tf.math.rsqrt(values.moving_variance + epsilon)
+        b = values.beta - values.moving_mean * a
+        return x * _broadcast(a, rank, feature_axes, param_shape) + _broadcast(
+            b, rank, feature_axes, param_shape
+        )
 
     def train():
-        """Returns outputs, batch mean, batch variance, valid."""
-        ghost = virtual_batch_size
-        data, weights = x, None
-        if batch_weights is not None:
-            weights = tf.reshape(
-                tf.cast(batch_weights, tf.float32), [-1] + [1] * (rank - 1)
-            )
-        offset = 0
-        if ghost is not None:
-            # tf.layers' ghost batches: view [N, ...] as [G, N // G, ...] and
-            # keep axis 1, so ghost batch j holds samples j, j + N/G, ...
-            batch = tf.shape(x)[0]
-            data = tf.reshape(x, tf.concat([[ghost, batch // ghost], tf.shape(x)[1:]], 0))
-            offset = 1
-        axes = [a + offset for a in feature_axes]
-        kept = set(axes) | ({1} if ghost is not None else set())
-        reduction_axes = [a for a in range(rank + offset) if a not in kept]
-        stats = moments_lib.batch_moments(data, reduction_axes, mask=weights)
-        gamma, beta = affine()
-        gamma = broadcast(gamma, rank + offset, axes)
-        beta = broadcast(beta, rank + offset, axes)
-        if adjustment is not None:
-            adjust_scale, adjust_bias = adjustment(tf.shape(x))
-            # tf.layers composed the adjustment inside gamma/beta.
-            beta = beta + tf.cast(adjust_bias, tf.float32) * gamma
-            gamma = gamma * tf.cast(adjust_scale, tf.float32)
-        outputs = (data - stats.mean) * (gamma * tf.math.rsqrt(stats.variance + epsilon)) + beta
-        mean, variance, count = stats.mean, stats.variance, stats.count
-        if ghost is not None:
-            outputs = tf.reshape(outputs, tf.shape(x))
-            mean = tf.reduce_mean(mean, axis=1, keepdims=True)
-            variance = tf.reduce_mean(variance, axis=1, keepdims=True)
-        enough = count > 0 if weights is not None else count >= _MIN_VALUES_PER_FEATURE
-        if variance_estimator == "unbiased":
-            variance = moments_lib.bessel_corrected(variance, count)
-        valid = tf.logical_and(
-            tf.reduce_all(enough),
-            tf.reduce_all(tf.math.is_finite(mean)) & tf.reduce_all(tf.math.is_finite(variance)),
+        return _training(
+            x,
+            values,
+            feature_axes=feature_axes,
+            epsilon=epsilon,
+            variance_estimator=variance_estimator,
+            fused_kernel=fused_kernel,
+            weights=batch_weights,
+            ghost=virtual_batch_size,
+            adjustment=adjustment,
+            renorm=renorm,
         )
-        return outputs, tf.reshape(mean, param_shape), tf.reshape(variance, param_shape), valid
 
     if mode is False:
         return inference(), []
@@ -274,14 +441,33 @@ def normalize(
             ),
         )
 
-    def folded(variable, batch):
-        old = tf.convert_to_tensor(variable)
+    def folded(old, batch):
         new = moving_averages.exponential_moving_average(old, batch, momentum)
         return tf.where(valid, new, old)
 
-    updates = [
-        (variables.moving_mean, folded(variables.moving_mean, mean)),
-        (variables.moving_variance, folded(variables.moving_variance, variance)),
+    updates = [(variables.moving_mean, folded(values.moving_mean, mean))]
+    if renorm is None:
+        updates.append((variables.moving_variance, folded(values.moving_variance, variance)))
+        return outputs, updates
+    renormed = renorm_lib.updated_statistics(
+        renorm_lib.RenormStatistics(
+            moving_stddev=values.moving_stddev,
+            moving_variance=values.moving_variance,
+            renorm_mean=values.renorm_mean,
+            renorm_stddev=values.renorm_stddev,
+        ),
+        mean,
+        variance,
+        epsilon=epsilon,
+        momentum=momentum,
+        renorm_momentum=renorm.momentum,
+        valid=valid,
+    )
+    updates += [
+        (variables.moving_variance, renormed.moving_variance),
+        (variables.moving_stddev, renormed.moving_stddev),
+        (variables.renorm_mean, renormed.renorm_mean),
+        (variables.renorm_stddev, renormed.renorm_stddev),
     ]
     return outputs, updates
 

@@ -12,10 +12,12 @@ from typing import Callable, Dict, Optional
 
 import tensorflow as tf
 
+from tfbn import renorm as renorm_lib
 from tfbn.compat.v1 import _graph_bn
 
 _DEFAULT_SCOPE = "BatchNorm"
 _VARIABLE_NAMES = ("beta", "gamma", "moving_mean", "moving_variance")
+_ALL_VARIABLE_NAMES = _VARIABLE_NAMES + _graph_bn.RENORM_VARIABLE_NAMES
 _DATA_FORMATS = ("NHWC", "NCHW")
 
 
@@ -36,7 +38,7 @@ def _variable_collections(variables_collections) -> Dict[str, list]:
     `get_variable` adds `TRAINABLE_VARIABLES` itself for trainable ones.
     """
     result = {}
-    for name in _VARIABLE_NAMES:
+    for name in _ALL_VARIABLE_NAMES:
         if isinstance(variables_collections, dict):
             extra = variables_collections.get(name) or []
         else:
@@ -86,14 +88,19 @@ def batch_norm(
     default `BatchNorm` uniquified): `beta` (if `center`), `gamma` (if
     `scale`), `moving_mean`, `moving_variance`; all are in
     `GLOBAL_VARIABLES` and `MODEL_VARIABLES`, beta/gamma also in
-    `TRAINABLE_VARIABLES` when `trainable`.
+    `TRAINABLE_VARIABLES` when `trainable`. With `renorm` (contrib ran it
+    through tf.layers' BatchNormalization) `moving_stddev`, `renorm_mean`
+    and `renorm_stddev` follow, in the tf-keras / Keras 3 layout, and three
+    more update ops; TF1.x renorm checkpoints with zero-debias
+    `renorm_mean_weight`/`renorm_stddev_weight` are not supported.
 
     Moving variance convention: with `moving_variance_estimator=None` the
     numbers are TF1's. contrib ran the fused kernel (`fused` None or True,
-    rank 2 or 4, no `batch_weights`) whose stored variance is Bessel-corrected
-    (`n / (n - 1)`); elsewhere it stored the biased variance. Pass
-    `"biased"` or `"unbiased"` to choose. The fused path raises epsilon to at
-    least 1.001e-5, as TF1's kernel did.
+    rank 2 or 4, no `batch_weights`, renorm or adjustment) whose stored
+    variance is Bessel-corrected (`n / (n - 1)`); elsewhere it stored the
+    biased variance. Pass `"biased"` or `"unbiased"` to choose. The fused
+    path raises epsilon to at least 1.001e-5, as TF1's kernel did. The
+    numbers are those of `tfbn.BatchNormalization` with the same settings.
 
     Args:
         inputs: Tensor of rank >= 2 with the batch on axis 0.
@@ -121,14 +128,17 @@ def batch_norm(
         batch_weights: Optional `[batch_size]` weights of the samples in the
             batch statistics.
         fused: None/True (TF1: fused when possible) or False; selects TF1's
-            numbers (variance estimator, epsilon floor).
+            numbers (variance estimator, epsilon floor) and, for speed,
+            whether the fused kernel may run (False: the general path).
         data_format: `"NHWC"` (channels last) or `"NCHW"` (channels on axis 1).
         zero_debias_moving_mean: Zero-debiasing is not available; True raises.
         scope: Optional variable scope name.
-        renorm: Batch renormalization is not available; True raises (use
-            `tfbn.BatchNormalization(renorm=True)`).
-        renorm_clipping: Only valid with renorm.
-        renorm_decay: Only valid with renorm.
+        renorm: Whether to use Batch Renormalization, with the numerics of
+            `tfbn.BatchNormalization(renorm=True)` (tf-keras / Keras 3).
+        renorm_clipping: Dict with optional keys `"rmax"`, `"rmin"`, `"dmax"`
+            clipping `r` to `[rmin, rmax]` and `d` to `[-dmax, dmax]`.
+        renorm_decay: Momentum of `renorm_mean` and `renorm_stddev`
+            (`renorm_momentum` of the Keras layer).
         adjustment: tf.layers' `adjustment(tf.shape(inputs)) -> (scale,
             bias)`, applied in training only.
         moving_variance_estimator: None (TF1's numbers), `"biased"` or
@@ -141,12 +151,11 @@ def batch_norm(
         ValueError: For an invalid argument or unsupported option.
         TypeError: For an `is_training` value that is not a boolean.
     """
-    if renorm or renorm_clipping is not None:
-        raise ValueError(
-            "`renorm=True` is not supported by tfbn.compat.v1.batch_norm; received "
-            f"renorm={renorm!r}. Use the Keras layer tfbn.BatchNormalization(renorm=True)."
-        )
-    del renorm_decay  # Only meaningful with renorm, which is rejected above.
+    renorm_settings = (
+        _graph_bn.Renorm(renorm_lib.validate_clipping(renorm_clipping), float(renorm_decay))
+        if renorm
+        else None
+    )
     if zero_debias_moving_mean:
         raise ValueError(
             "`zero_debias_moving_mean=True` is not supported by tfbn.compat.v1."
@@ -166,7 +175,11 @@ def batch_norm(
         )
     axes = _graph_bn.feature_axes_for(rank, [1 if data_format == "NCHW" else -1])
     fused_path = (
-        fused is not False and rank in (2, 4) and batch_weights is None and adjustment is None
+        fused is not False
+        and rank in (2, 4)
+        and batch_weights is None
+        and adjustment is None
+        and not renorm
     )
     estimator = _graph_bn.resolve_variance_estimator(moving_variance_estimator, fused_path)
     if fused_path:
@@ -184,6 +197,7 @@ def batch_norm(
             constraints={},
             trainable=trainable,
             collections=_variable_collections(variables_collections),
+            renorm=renorm,
         )
         outputs, updates = _graph_bn.normalize(
             inputs,
@@ -193,8 +207,10 @@ def batch_norm(
             momentum=float(decay),
             training=is_training,
             variance_estimator=estimator,
+            fused_kernel=fused is not False,
             batch_weights=batch_weights,
             adjustment=adjustment,
+            renorm=renorm_settings,
         )
         outputs = _graph_bn.register_updates(updates, outputs, updates_collections)
         outputs = tf.cast(outputs, inputs.dtype)

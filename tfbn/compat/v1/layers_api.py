@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 import tensorflow as tf
 
+from tfbn import renorm as renorm_lib
 from tfbn.compat.v1 import _graph_bn
 
 _DEFAULT_NAME = "batch_normalization"
@@ -69,13 +70,20 @@ def batch_normalization(
     `<name scope>/AssignMovingAvg[_1]` so `get_collection(UPDATE_OPS, scope)`
     selects one model's or one tower's updates. As in TF1 they only run if
     the train op depends on them (see `minimize_with_updates`). In inference
-    mode the moving statistics are used and no update op is created.
+    mode the moving statistics are used and no update op is created. With
+    `renorm`, Batch Renormalization (Ioffe, 2017) corrects the output towards
+    the renorm statistics and three more assign ops follow
+    (`AssignMovingAvg_2` to `_4`).
 
     Variables are created with `tf.compat.v1.get_variable` in the variable
     scope `name` (default `batch_normalization`, made unique per scope as TF1
     did: `batch_normalization_1`, ...): `gamma`, `beta` (trainable when
-    `trainable`), `moving_mean`, `moving_variance`. A TF1 checkpoint restores
-    with `tf.compat.v1.train.Saver`.
+    `trainable`), `moving_mean`, `moving_variance`, and with `renorm` the
+    tf-keras / Keras 3 renorm variables `moving_stddev`, `renorm_mean`,
+    `renorm_stddev`. A TF1 checkpoint restores with
+    `tf.compat.v1.train.Saver`; TF1.x renorm checkpoints, which also hold
+    zero-debias `renorm_mean_weight`/`renorm_stddev_weight`, are not
+    supported.
 
     Moving variance convention: with `moving_variance_estimator=None` the
     numbers are TF1's, which stored the Bessel-corrected (`n / (n - 1)`)
@@ -84,6 +92,9 @@ def batch_normalization(
     biased one elsewhere. Pass `"biased"` (Keras 3) or `"unbiased"` to choose.
     The fused path also raises `epsilon` to at least 1.001e-5, as TF1's
     kernel did. Training-mode outputs always use the biased batch variance.
+    The numbers are those of `tfbn.BatchNormalization` with the same
+    settings (its kernels run here: `FusedBatchNormV3` where it can, the
+    closed-form general path otherwise).
 
     Args:
         inputs: Input tensor of known rank; float16/bfloat16/float32/float64.
@@ -108,18 +119,23 @@ def batch_normalization(
             TF1 (unlike Keras 3) it does not change the mode.
         name: Variable scope name; default `batch_normalization`, uniquified.
         reuse: Whether to reuse the variables of a scope of the same name.
-        renorm: Batch renormalization is not available in the graph-mode API;
-            True raises (use `tfbn.BatchNormalization(renorm=True)`).
-        renorm_clipping: Only valid with renorm.
-        renorm_momentum: Only valid with renorm.
+        renorm: Whether to use Batch Renormalization, with the numerics of
+            `tfbn.BatchNormalization(renorm=True)` (tf-keras / Keras 3).
+        renorm_clipping: Dict with optional keys `"rmax"`, `"rmin"`, `"dmax"`
+            clipping `r` to `[rmin, rmax]` and `d` to `[-dmax, dmax]`.
+        renorm_momentum: Momentum of `renorm_mean` and `renorm_stddev`.
         fused: None (TF1: fused when possible), True (raises where TF1's fused
-            kernel could not run), or False. Selects TF1's numbers only (the
-            variance estimator and the epsilon floor); the kernel is tfbn's.
+            kernel could not run), or False. Selects TF1's numbers (the
+            variance estimator and the epsilon floor) and, for speed, whether
+            the fused kernel may run; False always takes the general path.
         virtual_batch_size: Ghost-batch size dividing the batch (tf.layers'
             definition); the moving statistics get the mean of the ghost
             statistics.
         adjustment: tf.layers' `adjustment(tf.shape(inputs)) -> (scale,
-            bias)`, applied on top of gamma/beta in training only.
+            bias)`, applied to the normalized value inside gamma/beta in
+            training only; with `virtual_batch_size` it gets the shape of the
+            ghost-batch view `[virtual_batch_size, N // virtual_batch_size,
+            ...]`, as in tf.layers.
         moving_variance_estimator: None (TF1's numbers, see above),
             `"biased"` or `"unbiased"`.
         updates_collections: Collection name (or list) for the update ops, or
@@ -131,16 +147,14 @@ def batch_normalization(
 
     Raises:
         ValueError: For an invalid argument, `fused=True` where TF1 could not
-            fuse, a variable that exists without `reuse`, or renorm.
+            fuse, or a variable that exists without `reuse`.
         TypeError: For a `training` value that is not a boolean.
     """
-    if renorm or renorm_clipping is not None:
-        raise ValueError(
-            "`renorm=True` is not supported by tfbn.compat.v1.batch_normalization; "
-            f"received renorm={renorm!r}, renorm_clipping={renorm_clipping!r}. "
-            "Use the Keras layer tfbn.BatchNormalization(renorm=True) instead."
-        )
-    del renorm_momentum  # Only meaningful with renorm, which is rejected above.
+    renorm_settings = (
+        _graph_bn.Renorm(renorm_lib.validate_clipping(renorm_clipping), float(renorm_momentum))
+        if renorm
+        else None
+    )
     inputs = tf.convert_to_tensor(inputs)
     axes = _graph_bn.feature_axes_for(
         inputs.shape.rank, [axis] if isinstance(axis, int) else list(axis)
@@ -182,6 +196,7 @@ def batch_normalization(
             constraints={"gamma": gamma_constraint, "beta": beta_constraint},
             trainable=trainable,
             collections={},
+            renorm=renorm,
         )
         outputs, updates = _graph_bn.normalize(
             inputs,
@@ -191,8 +206,10 @@ def batch_normalization(
             momentum=float(momentum),
             training=training,
             variance_estimator=estimator,
+            fused_kernel=fused is not False,
             virtual_batch_size=virtual_batch_size,
             adjustment=adjustment,
+            renorm=renorm_settings,
         )
         outputs = _graph_bn.register_updates(updates, outputs, updates_collections)
         return tf.cast(outputs, inputs.dtype)
