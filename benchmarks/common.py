@@ -8,6 +8,7 @@ all contenders instead of penalizing whichever ran during a busy moment.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import platform
@@ -137,3 +138,26 @@ def format_rows(rows: Sequence[Row]) -> str:
         ratio = "" if row.ratio is None else f"{row.ratio:.2f}"
         lines.append(f"| {row.case} | {row.contender} | {row.median_ms:.2f} | {ratio} | {row.note} |")
     return "\n".join(lines)
+
+
+def run_from_command_line(description: str, run: Callable, argv=None, extra_arguments=()) -> None:
+    """The shared command line of one benchmark script: parse, run, print.
+
+    Args:
+        description: The script's one-line description.
+        run: `run(repeats, smoke, *extra)` returning rows; may raise `Skipped`.
+        argv: Arguments (None: `sys.argv`).
+        extra_arguments: `(flag, type, default)` of further integer options
+            passed to `run` after `smoke`, in order.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--smoke", action="store_true", help="one tiny case, for tests")
+    for flag, kind, default in extra_arguments:
+        parser.add_argument(flag, type=kind, default=default)
+    args = parser.parse_args(argv)
+    extra = [getattr(args, flag.lstrip("-").replace("-", "_")) for flag, _, _ in extra_arguments]
+    try:
+        print(format_rows(run(args.repeats, args.smoke, *extra)))
+    except Skipped as skipped:
+        print(f"SKIPPED: {skipped}")

@@ -10,7 +10,6 @@ Run: `python -m benchmarks.inference [--repeats N] [--smoke]`.
 
 from __future__ import annotations
 
-import argparse
 from typing import List
 
 import numpy as np
@@ -52,14 +51,7 @@ def run(repeats: int = 7, smoke: bool = False) -> List[common.Row]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--smoke", action="store_true", help="one tiny case, for tests")
-    args = parser.parse_args(argv)
-    try:
-        print(common.format_rows(run(args.repeats, args.smoke)))
-    except common.Skipped as skipped:
-        print(f"SKIPPED: {skipped}")
+    common.run_from_command_line(__doc__.splitlines()[0], run, argv)
 
 
 if __name__ == "__main__":

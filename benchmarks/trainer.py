@@ -11,7 +11,6 @@ Run: `python -m benchmarks.trainer [--repeats N] [--steps N] [--smoke]`.
 
 from __future__ import annotations
 
-import argparse
 import time
 from typing import List
 
@@ -92,15 +91,7 @@ def run(repeats: int = 7, smoke: bool = False, steps: int = 10) -> List[common.R
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--smoke", action="store_true", help="one tiny case, for tests")
-    args = parser.parse_args(argv)
-    try:
-        print(common.format_rows(run(args.repeats, args.smoke, args.steps)))
-    except common.Skipped as skipped:
-        print(f"SKIPPED: {skipped}")
+    common.run_from_command_line(__doc__.splitlines()[0], run, argv, extra_arguments=[("--steps", int, 10)])
 
 
 if __name__ == "__main__":
