@@ -1,6 +1,7 @@
 """Tests for tfbn.auditing (tfbn.audit): each planted BN mistake is found, a clean model is clean."""
 
 import json
+import re
 
 import keras
 import numpy as np
@@ -92,7 +93,8 @@ def test_data_check_flags_only_the_layer_that_disagrees():
     report = audit(model, batches)
 
     assert [(f.layer, f.check) for f in report.findings] == [("bn_b", "statistics_mismatch")]
-    assert "0.5 std" in report.findings[0].message
+    shifted_by = float(re.search(r"mean off by up to ([0-9.]+) std", report.findings[0].message).group(1))
+    np.testing.assert_allclose(shifted_by, 0.5, atol=2e-3)
 
 
 def test_text_and_json_renderings():
