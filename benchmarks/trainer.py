@@ -78,7 +78,7 @@ def run(repeats: int = 7, smoke: bool = False, steps: int = 10) -> List[common.R
     )
 
     def fit_steps(count):
-        fit_model.fit(dataset, steps_per_epoch=count, epochs=1, verbose=0)
+        fit_model.fit(dataset, steps_per_epoch=count, epochs=1, shuffle=False, verbose=0)
 
     rates = {"tfbn trainer": [], "model.fit": []}
     for _ in range(1 if smoke else repeats):
