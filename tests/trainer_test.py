@@ -230,3 +230,28 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
                                           "--checkpoint_interval=3"))
     for a, b in zip(resumed.model.variables, straight.model.variables):
         assert np.array_equal(a.numpy(), b.numpy()), a.path
+
+
+def test_a_bn_layer_called_twice_per_step_is_reported_and_updated_twice(caplog):
+    # PAIN_POINTS 18: a shared BN (two towers) must not double its decay silently.
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((4,))
+    with keras.name_scope("head"):
+        dense = keras.layers.Dense(4, name="dense")
+        shared = tfbn.BatchNormalization(momentum=MOMENTUM, name="shared_bn")
+        left, right = shared(dense(inputs)), shared(dense(-inputs))
+        logits = keras.layers.Dense(2, name="logits")(keras.layers.Concatenate()([left, right]))
+    model = keras.Model(inputs, logits)
+    _, step, _, _ = build_step(model, "inference", update_part=("head/",))
+    x = np.random.default_rng(0).normal(size=(8, 4)).astype("float32")
+    hidden = model.get_layer("dense")(x).numpy().astype(np.float64)
+    with caplog.at_level("WARNING"):
+        step(tf.constant(x), tf.constant(np.arange(8) % 2, tf.int32))
+    assert any("head/shared_bn" in record.getMessage() and "more than once" in record.getMessage()
+               for record in caplog.records)
+    # Two updates in call order: the left tower's batch, then the right's.
+    expected = np.zeros(4)
+    for batch in (hidden, -hidden):
+        expected = MOMENTUM * expected + (1 - MOMENTUM) * batch.mean(0)
+    np.testing.assert_allclose(model.get_layer("shared_bn").moving_mean.numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert trainer.warn_about_repeated_calls(["a", "b"]) == []

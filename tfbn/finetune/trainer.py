@@ -40,6 +40,7 @@ from typing import List, Optional
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from tfbn import data as data_lib
 from tfbn import models as models_lib
@@ -119,6 +120,27 @@ def configure_bn_modes(plan: scopes.UpdatePlan) -> List[tuple]:
         previous.append((layer, layer.trainable))
         layer.trainable = mode != "inference"
     return previous
+
+
+def warn_about_repeated_calls(paths: List[str]) -> List[str]:
+    """Warns (at trace time) about BN layers called more than once in a step.
+
+    Each call records and applies one update, so a layer shared by two towers
+    or a siamese pair moves its statistics twice per step: its effective
+    momentum is `momentum ** calls`. That is often intended, never obvious.
+
+    Returns:
+        The repeated layer paths.
+    """
+    repeated = sorted({path for path in paths if paths.count(path) > 1})
+    if repeated:
+        logging.warning(
+            "BN layer(s) %s are called more than once per training step: each call "
+            "applies one moving-statistics update, in order, so their statistics decay "
+            "as momentum**calls per step. Use separate layers if that is not intended.",
+            repeated,
+        )
+    return repeated
 
 
 def make_train_step(model, optimizer, plan: scopes.UpdatePlan, global_step, skipped_steps, strategy=None):
@@ -203,6 +225,7 @@ def make_train_step(model, optimizer, plan: scopes.UpdatePlan, global_step, skip
                 loss = tf.reduce_sum(losses) / global_count
                 if model.losses:
                     loss = loss + tf.add_n([tf.cast(l, tf.float32) for l in model.losses]) / replicas
+            warn_about_repeated_calls(updates.paths)
             grads = tape.gradient(loss, [variable.value for variable in update_variables])
             grads = [tf.zeros_like(v.value) if g is None else g for g, v in zip(grads, update_variables)]
             local_finite = tf.reduce_all(
