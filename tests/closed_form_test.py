@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 import tfbn
+from harness import forward_backward
 
 RNG = np.random.default_rng(2024)
 
@@ -36,17 +37,6 @@ def _reference(x, gamma, beta, dy, axes, epsilon, weights=None, r=None, d=None):
     return [y.numpy()] + [g.numpy() for g in grads]
 
 
-def _grads(layer, x, dy, jit_compile=False, **call_kwargs):
-    @tf.function(jit_compile=jit_compile)
-    def run(x, dy):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y = layer(x, training=True, **call_kwargs)
-        return [y] + tape.gradient(y, [x, layer.gamma, layer.beta], output_gradients=dy)
-
-    return [t.numpy() for t in run(tf.constant(x), tf.constant(dy))]
-
-
 def _random_affine(layer, shape):
     layer.build(shape)
     rng = np.random.default_rng(5)
@@ -66,7 +56,7 @@ def test_multi_axis_matches_float64_autodiff(jit_compile):
     x, dy = _normal(shape, mean=2.0, std=3.0), _normal(shape)
     layer = tfbn.BatchNormalization(axis=[1, 3], fused=False)
     gamma, beta = _random_affine(layer, shape)
-    got = _grads(layer, x, dy, jit_compile)
+    got = forward_backward(layer, x, dy, jit_compile)
     want = _reference(x, gamma.reshape(1, 5, 1, 3), beta.reshape(1, 5, 1, 3), dy, (0, 2), 1e-3)
     _assert_close(got, want)
 
@@ -78,7 +68,7 @@ def test_mask_matches_weighted_float64_autodiff(jit_compile):
     mask = RNG.uniform(size=(6, 5)) > 0.4
     layer = tfbn.BatchNormalization(fused=False)
     gamma, beta = _random_affine(layer, shape)
-    got = _grads(layer, x, dy, jit_compile, mask=tf.constant(mask))
+    got = forward_backward(layer, x, dy, jit_compile, mask=tf.constant(mask))
     want = _reference(x, gamma, beta, dy, (0, 1), 1e-3, weights=mask[..., None])
     _assert_close(got, want)
 
@@ -87,7 +77,7 @@ def test_fully_masked_batch_gradient_is_the_inference_gradient():
     x, dy = _normal((4, 3)), _normal((4, 3))
     layer = tfbn.BatchNormalization(fused=False)
     gamma, _ = _random_affine(layer, (4, 3))
-    _, dx, _, _ = _grads(layer, x, dy, mask=tf.zeros([4], tf.bool))
+    _, dx, _, _ = forward_backward(layer, x, dy, False, mask=tf.zeros([4], tf.bool))
     np.testing.assert_allclose(dx, dy * gamma / np.sqrt(1.0 + 1e-3), rtol=1e-6)
 
 
@@ -96,7 +86,7 @@ def test_ghost_batches_match_per_ghost_float64_autodiff():
     x, dy = _normal(shape, mean=1.0, std=2.0), _normal(shape)
     layer = tfbn.BatchNormalization(virtual_batch_size=ghost)
     gamma, beta = _random_affine(layer, shape)
-    got = _grads(layer, x, dy)
+    got = forward_backward(layer, x, dy, False)
     # tf-keras' view: [ghost, N // ghost, ...], statistics over axes 0 and 2.
     view = (ghost, shape[0] // ghost) + shape[1:]
     y, dx, dgamma, dbeta = _reference(x.reshape(view), gamma, beta, dy.reshape(view), (0, 2), 1e-3)
@@ -119,7 +109,7 @@ def test_renorm_treats_r_and_d_as_constants(seed):
     mean, var = x.astype(np.float64).mean(0), x.astype(np.float64).var(0)
     r = np.clip(np.sqrt(var + 1e-3) / layer.renorm_stddev.numpy(), None, 1.5)
     d = np.clip((mean - layer.renorm_mean.numpy()) / layer.renorm_stddev.numpy(), -0.5, 0.5)
-    got = _grads(layer, x, dy)
+    got = forward_backward(layer, x, dy, False)
     _assert_close(got, _reference(x, gamma, beta, dy, (0,), 1e-3, r=r, d=d))
 
 
@@ -130,7 +120,7 @@ def test_synchronized_gradients_equal_single_device_gradients(axis, two_cpu_stra
     dys = [_normal(shape), _normal(shape)]
     single = tfbn.BatchNormalization(axis=axis, fused=False)
     gamma, beta = _random_affine(single, (None,) + shape[1:])
-    want = _grads(single, np.concatenate(shards), np.concatenate(dys))
+    want = forward_backward(single, np.concatenate(shards), np.concatenate(dys), False)
 
     strategy = two_cpu_strategy
     with strategy.scope():

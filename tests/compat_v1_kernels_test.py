@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 import tfbn
+from harness import forward_backward
 from tfbn.compat import v1 as tfbn_v1
 
 UPDATE_OPS = tf.compat.v1.GraphKeys.UPDATE_OPS
@@ -37,14 +38,8 @@ def _layer_step(batch, dy, axis):
         gamma_initializer=keras.initializers.Constant(1.5),
         beta_initializer=keras.initializers.Constant(0.25),
     )
-    x = tf.constant(batch)
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        y = layer(x, training=True)
-        loss = tf.reduce_sum(y * dy)
-    grads = tape.gradient(loss, [x, layer.gamma, layer.beta])
-    stats = [layer.moving_mean.numpy(), layer.moving_variance.numpy()]
-    return y.numpy(), [g.numpy() for g in grads], stats
+    y, *grads = forward_backward(layer, batch, dy)
+    return y, grads, [layer.moving_mean.numpy(), layer.moving_variance.numpy()]
 
 
 @pytest.mark.parametrize(
@@ -101,15 +96,10 @@ def test_ghost_batch_gradients_match_the_layer():
         lambda t: tfbn_v1.batch_normalization(t, training=True, virtual_batch_size=4, momentum=0.5), batch, dy
     )
     layer = tfbn.BatchNormalization(virtual_batch_size=4, momentum=0.5)
-    x = tf.constant(batch)
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        y = layer(x, training=True)
-        loss = tf.reduce_sum(y * dy)
-    want_grads = tape.gradient(loss, [x, layer.gamma, layer.beta])
-    np.testing.assert_allclose(out, y.numpy(), rtol=1e-6, atol=1e-6)
+    want_y, *want_grads = forward_backward(layer, batch, dy)
+    np.testing.assert_allclose(out, want_y, rtol=1e-6, atol=1e-6)
     for got, want in zip(grads, want_grads):
-        np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(stats[0], layer.moving_mean.numpy(), rtol=1e-6)
     np.testing.assert_allclose(stats[1], layer.moving_variance.numpy(), rtol=1e-6)
 

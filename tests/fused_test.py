@@ -11,6 +11,7 @@ import tensorflow as tf
 
 import reference
 import tfbn
+from harness import forward_backward
 from tfbn import fused
 
 RNG = np.random.default_rng(99)
@@ -23,19 +24,6 @@ def _normal(shape, mean=0.0, std=1.0):
 def _layer(fused_flag, axis=-1, **kwargs):
     layer = tfbn.BatchNormalization(axis=axis, momentum=0.5, fused=fused_flag, **kwargs)
     return layer
-
-
-def _step(layer, x, dy, jit_compile):
-    def run(x, dy):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y = layer(x, training=True)
-        dx, dgamma, dbeta = tape.gradient(y, [x, layer.gamma, layer.beta], output_gradients=dy)
-        return y, dx, dgamma, dbeta
-
-    if jit_compile is not None:
-        run = tf.function(run, jit_compile=jit_compile)
-    return [t.numpy() for t in run(tf.constant(x), tf.constant(dy))]
 
 
 def _initialize(layer, shape, channels):
@@ -66,7 +54,7 @@ def test_fused_and_general_paths_agree_with_numpy(shape, axis, jit_compile):
     for fused_flag in (True, False):
         layer = _layer(fused_flag, axis=axis)
         _initialize(layer, shape, channels)
-        results.append(_step(layer, x, dy, jit_compile) + [layer.moving_mean.numpy(), layer.moving_variance.numpy()])
+        results.append(forward_backward(layer, x, dy, jit_compile) + [layer.moving_mean.numpy(), layer.moving_variance.numpy()])
     gamma, beta = layer.gamma.numpy(), layer.beta.numpy()
     y_ref, mean_ref, var_ref = reference.batch_norm_train(x, gamma, beta, [axis], 1e-3)
     dx_ref, dgamma_ref, dbeta_ref = reference.batch_norm_train_grad(x, gamma, dy, [axis], 1e-3)
@@ -98,7 +86,7 @@ def test_ill_conditioned_batches_are_shifted_before_the_kernel(offset, jit_compi
     dy = _normal(x.shape)
     layer = _layer(True)
     _initialize(layer, x.shape, 2)
-    y, dx, dgamma, dbeta = _step(layer, x, dy, jit_compile)
+    y, dx, dgamma, dbeta = forward_backward(layer, x, dy, jit_compile)
     gamma, beta = layer.gamma.numpy(), layer.beta.numpy()
     y_ref, _, var_ref = reference.batch_norm_train(x, gamma, beta, [-1], 1e-3)
     dx_ref, dgamma_ref, dbeta_ref = reference.batch_norm_train_grad(x, gamma, dy, [-1], 1e-3)

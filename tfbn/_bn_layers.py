@@ -39,10 +39,6 @@ def is_batch_norm(layer) -> bool:
     return isinstance(layer, BATCH_NORM_TYPES)
 
 
-def is_tfbn(layer) -> bool:
-    return isinstance(layer, TfbnBatchNormalization)
-
-
 def feature_axes(layer, rank: int) -> List[int]:
     """The layer's feature axes as sorted non-negative ints for inputs of `rank`."""
     axes = [layer.axis] if isinstance(layer.axis, int) else list(layer.axis)

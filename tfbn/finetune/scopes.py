@@ -14,10 +14,9 @@ from typing import Dict, List, Sequence, Tuple
 
 import keras
 
-from tfbn.layers.batch_normalization import BatchNormalization
+from tfbn import _bn_layers
 
 # The BN layer types the trainer knows how to freeze and update.
-BN_TYPES = (BatchNormalization, keras.layers.BatchNormalization)
 
 MODE_TRAIN = "train"
 
@@ -72,11 +71,7 @@ def select(
 
 def batch_norm_layers(model: keras.Model) -> List[keras.layers.Layer]:
     """Every built BN layer (tfbn or stock Keras) in `model`, nested ones included."""
-    return [
-        layer
-        for layer in model._flatten_layers(include_self=False, recursive=True)
-        if isinstance(layer, BN_TYPES) and layer.built
-    ]
+    return [layer for layer in _bn_layers.batch_norm_layers(model) if layer.built]
 
 
 def bn_variables(layer) -> Dict[str, object]:
@@ -101,13 +96,6 @@ class UpdatePlan:
     update_variables: Tuple[object, ...]
     frozen_variables: Tuple[object, ...]
     bn_modes: Tuple[Tuple[object, str], ...]
-
-    def bn_mode(self, layer) -> str:
-        """The mode of one BN layer of the plan."""
-        for candidate, mode in self.bn_modes:
-            if candidate is layer:
-                return mode
-        raise ValueError(f"Layer {layer.name!r} is not a BN layer of this plan.")
 
 
 def plan_update(
