@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import List
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 import tfbn

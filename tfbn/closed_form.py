@@ -22,11 +22,13 @@ any other per-replica gradient.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
 from tfbn import moments as moments_lib
+from tfbn import renorm as renorm_lib
 
 # (mean, variance) -> (r, d): Batch Renormalization's correction, treated as
 # a constant by the gradient, as in the paper.
@@ -125,3 +127,119 @@ def batch_normalize(
         return outputs, grad
 
     return normalize(x, gamma, beta), stats
+
+
+def normalize_features(
+    x: tf.Tensor,
+    gamma: tf.Tensor,
+    beta: tf.Tensor,
+    moving_mean: tf.Tensor,
+    moving_variance: tf.Tensor,
+    feature_axes: Sequence[int],
+    epsilon: float,
+    *,
+    mask: Optional[tf.Tensor] = None,
+    virtual_batch_size: Optional[int] = None,
+    synchronized: bool = False,
+    renorm_statistics: Optional[Tuple[tf.Tensor, tf.Tensor]] = None,
+    renorm_clipping: Optional[dict] = None,
+    adjustment: Optional[Callable] = None,
+):
+    """The general path for parameter-shaped weights, as layers hold them.
+
+    Wraps `batch_normalize` with what the Keras layer and `tfbn.compat.v1`
+    both need: broadcasting the weights, ghost batches, the renorm
+    correction, and tf.layers' `adjustment`.
+
+    Args:
+        x: float32 input.
+        gamma, beta, moving_mean, moving_variance: float32, one value per
+            feature (the feature axes' sizes, in sorted axis order). The
+            moving statistics normalize a batch with no values.
+        feature_axes: Sorted non-negative feature axes of `x`.
+        epsilon: Added to the variance.
+        mask: Optional float weights shaped like `x` with size 1 on the
+            feature axes.
+        virtual_batch_size: Ghost-batch size, tf-keras' definition: `[N, ...]`
+            is viewed as `[virtual_batch_size, N // virtual_batch_size, ...]`
+            and axis 1 is kept, so ghost batch `j` holds samples `j, j + G, ...`.
+        synchronized: Global statistics under a multi-replica strategy.
+        renorm_statistics: `(renorm_mean, renorm_stddev)`, one value per
+            feature, to apply Batch Renormalization; None for plain BN.
+        renorm_clipping: The validated clipping dict used with renorm.
+        adjustment: tf.layers' `adjustment(shape) -> (scale, bias)`, applied
+            to the normalized value (`gamma * (scale * x_hat + bias) + beta`)
+            and called with the shape of the (ghost-batch view of the) input.
+
+    Returns:
+        `(outputs, mean, variance, count)`: the output shaped like `x`; the
+        batch mean and biased variance in the parameter shape (averaged over
+        ghost batches); the number of values per feature (per ghost batch).
+    """
+    param_shape = gamma.shape
+    ghost = virtual_batch_size
+    data = x
+    offset = 0
+    if ghost is not None:
+
+        def ghost_view(tensor):
+            shape = tf.shape(tensor)
+            return tf.reshape(tensor, tf.concat([[ghost, shape[0] // ghost], shape[1:]], 0))
+
+        data = ghost_view(x)
+        mask = None if mask is None else ghost_view(mask)
+        offset = 1
+    rank = data.shape.rank
+    axes = [axis + offset for axis in feature_axes]
+    kept = set(axes) | ({1} if ghost is not None else set())
+    reduction_axes = [axis for axis in range(rank) if axis not in kept]
+
+    def broadcast(value):
+        shape = [1] * rank
+        for axis, size in zip(axes, param_shape):
+            shape[axis] = size
+        return tf.reshape(value, shape)
+
+    correction = None
+    if renorm_statistics is not None:
+        renorm_mean, renorm_stddev = (broadcast(value) for value in renorm_statistics)
+        correction = functools.partial(
+            renorm_lib.correction,
+            renorm_mean=renorm_mean,
+            renorm_stddev=renorm_stddev,
+            epsilon=epsilon,
+            clipping=renorm_clipping,
+        )
+
+    def normalize(scale, offset):
+        # A batch with no values (empty, or fully masked) normalizes with the
+        # moving statistics rather than dividing by sqrt(epsilon).
+        return batch_normalize(
+            data,
+            scale,
+            offset,
+            reduction_axes,
+            epsilon,
+            fallback_mean=broadcast(moving_mean),
+            fallback_variance=broadcast(moving_variance),
+            mask=mask,
+            synchronized=synchronized,
+            correction=correction,
+        )
+
+    gamma, beta = broadcast(gamma), broadcast(beta)
+    if adjustment is None:
+        outputs, stats = normalize(gamma, beta)
+    else:
+        # The adjustment may vary over any axis, so it is applied outside
+        # the per-feature affine terms that `batch_normalize` differentiates.
+        adjust_scale, adjust_bias = (tf.cast(t, tf.float32) for t in adjustment(tf.shape(data)))
+        normalized, stats = normalize(tf.ones_like(gamma), tf.zeros_like(beta))
+        outputs = (normalized * adjust_scale + adjust_bias) * gamma + beta
+    mean, variance, count = stats.mean, stats.variance, stats.count
+    if ghost is not None:
+        outputs = tf.reshape(outputs, tf.shape(x))
+        mean = tf.reduce_mean(mean, axis=1, keepdims=True)
+        variance = tf.reduce_mean(variance, axis=1, keepdims=True)
+        count = tf.reduce_min(count)
+    return outputs, tf.reshape(mean, param_shape), tf.reshape(variance, param_shape), count

@@ -407,12 +407,11 @@ class BatchNormalization(keras.layers.Layer):
             mask = tf.expand_dims(mask, axis)
         return tf.cast(mask, tf.float32)
 
-    def _broadcast(self, value, rank=None, feature_offset=0):
+    def _broadcast(self, value):
         """Reshapes a parameter-shaped tensor to broadcast against the input."""
-        rank = rank or self._rank
-        shape = [1] * rank
+        shape = [1] * self._rank
         for axis, size in zip(self._feature_axes_built, self._param_shape):
-            shape[axis + feature_offset] = size
+            shape[axis] = size
         return tf.reshape(value, shape)
 
     def _affine_parameters(self):
@@ -466,60 +465,33 @@ class BatchNormalization(keras.layers.Layer):
             outputs = tf.reshape(outputs, tf.shape(x))
             return outputs, self._update_arguments(mean, variance, count)
         ghost = self.virtual_batch_size
-        if ghost is not None:
-            batch = tf.shape(x)[0]
-            static_batch = x.shape[0]
-            if static_batch is not None and static_batch % ghost:
-                raise ValueError(
-                    f"`virtual_batch_size`={ghost} must divide the batch size in "
-                    f"training mode; received inputs of shape {tuple(x.shape)}."
-                )
-            original_shape = tf.shape(x)
-            x = tf.reshape(x, tf.concat([[ghost, batch // ghost], original_shape[1:]], 0))
-            if mask is not None:
-                mask = tf.reshape(
-                    mask, tf.concat([[ghost, batch // ghost], tf.shape(mask)[1:]], 0)
-                )
-        offset = 1 if ghost is not None else 0
-        rank = self._rank + offset
-        feature_axes = [axis + offset for axis in self._feature_axes_built]
-        # With ghost batches, axis 1 indexes the ghost batch and is kept.
-        kept = set(feature_axes) | ({1} if ghost is not None else set())
-        reduction_axes = [axis for axis in range(rank) if axis not in kept]
-
-        def broadcast(value):
-            return self._broadcast(value, rank, offset)
-
+        if ghost is not None and x.shape[0] is not None and x.shape[0] % ghost:
+            raise ValueError(
+                f"`virtual_batch_size`={ghost} must divide the batch size in "
+                f"training mode; received inputs of shape {tuple(x.shape)}."
+            )
         gamma, beta = self._affine_parameters()
-        correction = None
+        renorm_statistics = None
         if self.renorm:
-
-            def correction(mean, variance):
-                return self._renorm_correction(mean, variance, broadcast)
-
-        # A batch with no values (empty, or fully masked) normalizes with the
-        # moving statistics rather than dividing by sqrt(epsilon).
-        outputs, stats = closed_form.batch_normalize(
+            renorm_statistics = (
+                tf.convert_to_tensor(self.renorm_mean.value),
+                tf.convert_to_tensor(self.renorm_stddev.value),
+            )
+        outputs, mean, variance, count = closed_form.normalize_features(
             x,
-            broadcast(gamma),
-            broadcast(beta),
-            reduction_axes,
+            gamma,
+            beta,
+            tf.convert_to_tensor(self.moving_mean.value),
+            tf.convert_to_tensor(self.moving_variance.value),
+            self._feature_axes_built,
             self.epsilon,
-            fallback_mean=broadcast(self.moving_mean.value),
-            fallback_variance=broadcast(self.moving_variance.value),
             mask=mask,
+            virtual_batch_size=ghost,
             synchronized=self.synchronized,
-            correction=correction,
+            renorm_statistics=renorm_statistics,
+            renorm_clipping=self.renorm_clipping,
         )
-        if ghost is not None:
-            outputs = tf.reshape(outputs, original_shape)
-
-        update_mean, update_variance, count = stats.mean, stats.variance, stats.count
-        if ghost is not None:
-            update_mean = tf.reduce_mean(update_mean, axis=1, keepdims=True)
-            update_variance = tf.reduce_mean(update_variance, axis=1, keepdims=True)
-            count = tf.reduce_min(count)
-        return outputs, self._update_arguments(update_mean, update_variance, count)
+        return outputs, self._update_arguments(mean, variance, count)
 
     def _update_arguments(self, update_mean, update_variance, count):
         """`(mean, variance, count, valid)` in the parameter shape."""
@@ -536,16 +508,6 @@ class BatchNormalization(keras.layers.Layer):
             tf.reshape(update_variance, self._param_shape),
             count,
             valid,
-        )
-
-    def _renorm_correction(self, mean, variance, broadcast):
-        return renorm_lib.correction(
-            mean,
-            variance,
-            broadcast(self.renorm_mean.value),
-            broadcast(self.renorm_stddev.value),
-            self.epsilon,
-            self.renorm_clipping,
         )
 
     def _training_or_inference(self, training, x, mask, fused):

@@ -230,84 +230,6 @@ def _read_once(variables: GraphBNVariables, param_shape) -> GraphBNVariables:
     return GraphBNVariables(**values)
 
 
-def _general_training(x, values, *, feature_axes, epsilon, weights, ghost, adjustment, renorm):
-    """`tfbn.closed_form` with ghost batches, batch weights, adjustment, renorm.
-
-    Returns:
-        `(outputs, mean, biased variance, count)`, the statistics with kept
-        dims (the ghost-batch mean of them with ghost batches).
-    """
-    rank = x.shape.rank
-    param_shape = values.moving_mean.shape.as_list()
-    data, mask = x, None
-    if weights is not None:
-        mask = tf.reshape(tf.cast(weights, tf.float32), [-1] + [1] * (rank - 1))
-    offset = 0
-    if ghost is not None:
-        # tf.layers' ghost batches: view [N, ...] as [G, N // G, ...] and keep
-        # axis 1, so ghost batch j holds samples j, j + N/G, ...
-        def ghost_view(tensor):
-            shape = tf.shape(tensor)
-            return tf.reshape(tensor, tf.concat([[ghost, shape[0] // ghost], shape[1:]], 0))
-
-        data = ghost_view(x)
-        mask = None if mask is None else ghost_view(mask)
-        offset = 1
-    axes = [a + offset for a in feature_axes]
-    kept = set(axes) | ({1} if ghost is not None else set())
-    reduction_axes = [a for a in range(rank + offset) if a not in kept]
-
-    def broadcast(value):
-        return _broadcast(value, rank + offset, axes, param_shape)
-
-    correction = None
-    if renorm is not None:
-
-        def correction(mean, variance):
-            return renorm_lib.correction(
-                mean,
-                variance,
-                broadcast(values.renorm_mean),
-                broadcast(values.renorm_stddev),
-                epsilon,
-                renorm.clipping,
-            )
-
-    def batch_normalize(gamma, beta):
-        # A batch with no values (all weights 0) normalizes with the moving
-        # statistics rather than dividing by sqrt(epsilon), as the layer does.
-        return closed_form.batch_normalize(
-            data,
-            gamma,
-            beta,
-            reduction_axes,
-            epsilon,
-            fallback_mean=broadcast(values.moving_mean),
-            fallback_variance=broadcast(values.moving_variance),
-            mask=mask,
-            correction=correction,
-        )
-
-    gamma, beta = broadcast(values.gamma), broadcast(values.beta)
-    if adjustment is None:
-        outputs, stats = batch_normalize(gamma, beta)
-    else:
-        # tf.layers adjusted the normalized value inside gamma and beta,
-        # `gamma * (scale * x_hat + bias) + beta`, calling `adjustment` with
-        # the shape of the (ghost-batch view of the) input.
-        adjust_scale, adjust_bias = adjustment(tf.shape(data))
-        normalized, stats = batch_normalize(tf.ones_like(gamma), tf.zeros_like(beta))
-        adjusted = normalized * tf.cast(adjust_scale, tf.float32) + tf.cast(adjust_bias, tf.float32)
-        outputs = adjusted * gamma + beta
-    mean, variance, count = stats.mean, stats.variance, stats.count
-    if ghost is not None:
-        outputs = tf.reshape(outputs, tf.shape(x))
-        mean = tf.reduce_mean(mean, axis=1, keepdims=True)
-        variance = tf.reduce_mean(variance, axis=1, keepdims=True)
-        count = tf.reduce_min(count)
-    return outputs, mean, variance, count
-
-
 def _training(
     x, values, *, feature_axes, epsilon, variance_estimator, fused_kernel, weights, ghost, adjustment, renorm
 ):
@@ -327,15 +249,22 @@ def _training(
         )
         outputs = tf.reshape(outputs, tf.shape(x))
     else:
-        outputs, mean, variance, count = _general_training(
+        mask = None
+        if weights is not None:
+            mask = tf.reshape(tf.cast(weights, tf.float32), [-1] + [1] * (x.shape.rank - 1))
+        outputs, mean, variance, count = closed_form.normalize_features(
             x,
-            values,
-            feature_axes=feature_axes,
-            epsilon=epsilon,
-            weights=weights,
-            ghost=ghost,
+            values.gamma,
+            values.beta,
+            values.moving_mean,
+            values.moving_variance,
+            feature_axes,
+            epsilon,
+            mask=mask,
+            virtual_batch_size=ghost,
+            renorm_statistics=None if renorm is None else (values.renorm_mean, values.renorm_stddev),
+            renorm_clipping=None if renorm is None else renorm.clipping,
             adjustment=adjustment,
-            renorm=renorm,
         )
     if weights is not None:
         # Weighted counts are sums of weights: any positive total is usable.
