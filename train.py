@@ -1,6 +1,6 @@
 """Trains or partially fine-tunes a BN model: `python train.py --flagfile=configs/<name>.flags`.
 
-Flags are defined in `tfbn/flags.py`; this entry point only parses them,
+Flags are defined in `tfbn/finetune/flags.py`; this entry point only parses them,
 turns them into a `TrainConfig`, sets up the devices and the
 `tf.distribute` strategy (which must come first), and hands both to the
 trainer.
@@ -8,8 +8,8 @@ trainer.
 
 from absl import app, flags, logging
 
-from tfbn import flags as tfbn_flags
 from tfbn.finetune import distribution, trainer
+from tfbn.finetune import flags as tfbn_flags
 
 FLAGS = flags.FLAGS
 tfbn_flags.define_flags(FLAGS)

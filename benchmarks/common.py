@@ -13,7 +13,7 @@ import dataclasses
 import os
 import platform
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -39,7 +39,7 @@ class Row:
     case: str
     contender: str
     median_ms: float
-    ratio: Optional[float] = None
+    ratio: float | None = None
     note: str = ""
 
 
@@ -60,8 +60,8 @@ def _block(result) -> None:
 
 
 def time_interleaved(
-    contenders: Dict[str, Callable[[], object]], repeats: int, warmup: int = 2
-) -> Dict[str, float]:
+    contenders: dict[str, Callable[[], object]], repeats: int, warmup: int = 2
+) -> dict[str, float]:
     """Median milliseconds per call of each contender, timed in turn.
 
     Args:
@@ -76,7 +76,7 @@ def time_interleaved(
     for function in contenders.values():
         for _ in range(warmup):
             _block(function())
-    samples: Dict[str, List[float]] = {name: [] for name in contenders}
+    samples: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(repeats):
         for name, function in contenders.items():
             start = time.perf_counter()
@@ -86,8 +86,12 @@ def time_interleaved(
 
 
 def rows_with_ratios(
-    benchmark: str, case: str, medians: Dict[str, float], baseline: str, notes: Optional[Dict[str, str]] = None
-) -> List[Row]:
+    benchmark: str,
+    case: str,
+    medians: dict[str, float],
+    baseline: str,
+    notes: dict[str, str] | None = None,
+) -> list[Row]:
     """Rows for one case, each with its ratio to the `baseline` contender."""
     notes = notes or {}
     return [
@@ -100,10 +104,13 @@ def onednn_enabled() -> bool:
     """Whether TensorFlow runs with oneDNN (MKL) kernels."""
     from tensorflow.python.util import _pywrap_util_port  # Only public source of this fact.
 
-    return bool(_pywrap_util_port.IsMklEnabled()) and os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1") != "0"
+    return (
+        bool(_pywrap_util_port.IsMklEnabled())
+        and os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1") != "0"
+    )
 
 
-def machine_description() -> Dict[str, str]:
+def machine_description() -> dict[str, str]:
     """Facts that explain the numbers: CPU, cores, versions, oneDNN."""
     import keras
     import tensorflow as tf
@@ -136,7 +143,9 @@ def format_rows(rows: Sequence[Row]) -> str:
     ]
     for row in rows:
         ratio = "" if row.ratio is None else f"{row.ratio:.2f}"
-        lines.append(f"| {row.case} | {row.contender} | {row.median_ms:.2f} | {ratio} | {row.note} |")
+        lines.append(
+            f"| {row.case} | {row.contender} | {row.median_ms:.2f} | {ratio} | {row.note} |"
+        )
     return "\n".join(lines)
 
 

@@ -10,8 +10,6 @@ Run: `python -m benchmarks.inference [--repeats N] [--smoke]`.
 
 from __future__ import annotations
 
-from typing import List
-
 import numpy as np
 import tensorflow as tf
 
@@ -23,13 +21,13 @@ from benchmarks.training_step import conv_bn_relu_network
 def fold_function():
     """`tfbn.fold_batch_norm`, or raises Skipped naming what is missing."""
     try:
-        from tfbn.folding import fold_batch_norm
+        from tfbn.tools.folding import fold_batch_norm
     except ImportError as error:
         raise common.Skipped(f"tfbn.folding.fold_batch_norm is not importable ({error})") from None
     return fold_batch_norm
 
 
-def run(repeats: int = 7, smoke: bool = False) -> List[common.Row]:
+def run(repeats: int = 7, smoke: bool = False) -> list[common.Row]:
     """Times the unfolded and folded models; ratios relative to unfolded."""
     fold_batch_norm = fold_function()
     batch, size, channels = (2, 8, 4) if smoke else (32, 32, 64)
@@ -38,7 +36,9 @@ def run(repeats: int = 7, smoke: bool = False) -> List[common.Row]:
     for layer in model.layers:
         if isinstance(layer, tfbn.BatchNormalization):
             layer.moving_mean.assign(rng.normal(0, 1, layer.moving_mean.shape).astype(np.float32))
-            layer.moving_variance.assign(rng.uniform(0.5, 2, layer.moving_variance.shape).astype(np.float32))
+            layer.moving_variance.assign(
+                rng.uniform(0.5, 2, layer.moving_variance.shape).astype(np.float32)
+            )
     folded = fold_batch_norm(model)
     images = tf.random.normal([batch, size, size, 3])
     unfolded_call = tf.function(lambda: model(images, training=False))

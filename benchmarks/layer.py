@@ -15,8 +15,6 @@ Run: `python -m benchmarks.layer [--repeats N] [--smoke]`.
 
 from __future__ import annotations
 
-from typing import List
-
 import keras
 import tensorflow as tf
 
@@ -86,12 +84,12 @@ def _built(layer, shape):
     return layer
 
 
-def run(repeats: int = 7, smoke: bool = False) -> List[common.Row]:
+def run(repeats: int = 7, smoke: bool = False) -> list[common.Row]:
     """Times every case; returns the rows (ratios relative to keras)."""
     shapes = [SMOKE_SHAPE] if smoke else SHAPES
     general_shape = SMOKE_SHAPE if smoke else GENERAL_SHAPE
     modes = [("function", False)] if smoke else [("function", False), ("xla", True)]
-    rows: List[common.Row] = []
+    rows: list[common.Row] = []
     for shape in shapes:
         x = tf.random.normal(shape, 1.0, 2.0)
         dy = tf.random.normal(shape)
@@ -105,8 +103,13 @@ def run(repeats: int = 7, smoke: bool = False) -> List[common.Row]:
                 ("fwd+bwd", lambda l: _forward_backward(l, x, dy), 5 * nbytes),
             ):
                 contenders = {
-                    "tfbn": _compile(make(_built(tfbn.BatchNormalization(momentum=_MOMENTUM), shape)), jit),
-                    "keras": _compile(make(_built(keras.layers.BatchNormalization(momentum=_MOMENTUM), shape)), jit),
+                    "tfbn": _compile(
+                        make(_built(tfbn.BatchNormalization(momentum=_MOMENTUM), shape)), jit
+                    ),
+                    "keras": _compile(
+                        make(_built(keras.layers.BatchNormalization(momentum=_MOMENTUM), shape)),
+                        jit,
+                    ),
                     "raw fused op": _compile(make(RawFusedOp(shape[-1])), jit),
                     "copy": copy,
                 }
@@ -132,7 +135,9 @@ def run(repeats: int = 7, smoke: bool = False) -> List[common.Row]:
         "raw fused op": _compile(_inference(RawFusedOp(shape[-1]), x), False),
     }
     medians = common.time_interleaved(contenders, repeats)
-    rows += common.rows_with_ratios("layer", f"{'x'.join(map(str, shape))} inference function", medians, "keras")
+    rows += common.rows_with_ratios(
+        "layer", f"{'x'.join(map(str, shape))} inference function", medians, "keras"
+    )
 
     # General path: configurations the fused kernel cannot take.
     x = tf.random.normal(general_shape, 1.0, 2.0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import time
-from typing import Callable, List, Tuple
+from collections.abc import Callable
 
 from benchmarks import common, inference, layer, trainer, training_step
 
@@ -44,7 +44,7 @@ Reading the numbers:
   XLA rows pay for that check and its conditional more than oneDNN does.
 """
 
-BENCHMARKS: List[Tuple[str, Callable[..., List[common.Row]]]] = [
+BENCHMARKS: list[tuple[str, Callable[..., list[common.Row]]]] = [
     ("(1, 2) Layer time and bandwidth", layer.run),
     ("(3) Conv-BN-ReLU training step", training_step.run),
     ("(4) Inference: folded vs unfolded", inference.run),
@@ -59,7 +59,7 @@ def _ratio(rows, benchmark, case_part, contender):
     return None
 
 
-def summarize(rows: List[common.Row]) -> str:
+def summarize(rows: list[common.Row]) -> str:
     """One line per target: the measured ratio and whether it is met."""
     lines = ["| target | measured | met |", "|---|---|---|"]
 
@@ -76,14 +76,27 @@ def summarize(rows: List[common.Row]) -> str:
         shape, pass_name = row.case.split()[:2]
         two_d = shape.count("x") == 1
         if pass_name == "fwd+bwd":
-            add(f"{shape} fwd+bwd vs keras (<= {0.5 if two_d else 0.3})", row.ratio, 0.5 if two_d else 0.3)
+            add(
+                f"{shape} fwd+bwd vs keras (<= {0.5 if two_d else 0.3})",
+                row.ratio,
+                0.5 if two_d else 0.3,
+            )
             raw = _ratio(rows, "layer", row.case, "raw fused op")
             add(f"{shape} fwd+bwd vs raw fused op (<= 1.15)", row.median_ms / raw.median_ms, 1.15)
             copy = _ratio(rows, "layer", row.case, "copy")
             # Bandwidth share: (5 tensor passes / t) / (2 passes / t_copy).
-            add(f"{shape} fwd+bwd share of copy bandwidth (>= 0.8)", 2.5 * copy.median_ms / row.median_ms, 0.8, True)
+            add(
+                f"{shape} fwd+bwd share of copy bandwidth (>= 0.8)",
+                2.5 * copy.median_ms / row.median_ms,
+                0.8,
+                True,
+            )
         elif pass_name == "fwd":
-            add(f"{shape} fwd vs keras (<= {0.5 if two_d else 0.35})", row.ratio, 0.5 if two_d else 0.35)
+            add(
+                f"{shape} fwd vs keras (<= {0.5 if two_d else 0.35})",
+                row.ratio,
+                0.5 if two_d else 0.35,
+            )
         elif pass_name == "inference":
             add(f"{shape} inference vs keras (<= 0.65)", row.ratio, 0.65)
     for row in rows:
@@ -92,13 +105,19 @@ def summarize(rows: List[common.Row]) -> str:
     step = _ratio(rows, "training_step", "", "tfbn BN")
     no_bn = _ratio(rows, "training_step", "", "no BN")
     add("train step vs stock-BN network (<= 0.8)", step and step.ratio, 0.8)
-    add("train step vs no-BN network (<= 1.05)", step and no_bn and step.median_ms / no_bn.median_ms, 1.05)
+    add(
+        "train step vs no-BN network (<= 1.05)",
+        step and no_bn and step.median_ms / no_bn.median_ms,
+        1.05,
+    )
     trainer_row = _ratio(rows, "trainer", "", "tfbn trainer")
     add("trainer steps/s vs model.fit (>= 1.0)", trainer_row and 1.0 / trainer_row.ratio, 1.0, True)
     return "\n".join(lines)
 
 
-def render(sections: List[Tuple[str, str]], machine: dict, seconds: float, smoke: bool, summary: str) -> str:
+def render(
+    sections: list[tuple[str, str]], machine: dict, seconds: float, smoke: bool, summary: str
+) -> str:
     """The BENCHMARKS.md text."""
     lines = [
         "# Benchmarks",
@@ -150,7 +169,11 @@ def main(argv=None) -> str:
         rows += section_rows
         sections.append((title, common.format_rows(section_rows)))
     text = render(
-        sections, common.machine_description(), time.perf_counter() - start, args.smoke, summarize(rows)
+        sections,
+        common.machine_description(),
+        time.perf_counter() - start,
+        args.smoke,
+        summarize(rows),
     )
     with open(args.output, "w") as output:
         output.write(text)

@@ -12,7 +12,6 @@ Run: `python -m benchmarks.trainer [--repeats N] [--steps N] [--smoke]`.
 from __future__ import annotations
 
 import time
-from typing import List
 
 import keras
 import tensorflow as tf
@@ -24,11 +23,13 @@ from benchmarks.training_step import conv_bn_relu_network
 
 def _trainer_api():
     try:
-        from tfbn.finetune import scopes, trainer
+        from tfbn.finetune import trainer, update_plan
 
-        return scopes.plan_update, trainer.configure_bn_modes, trainer.make_train_step
+        return update_plan.plan_update, trainer.configure_bn_modes, trainer.make_train_step
     except (ImportError, AttributeError) as error:
-        raise common.Skipped(f"the trainer API (tfbn.finetune.trainer) is not usable ({error})") from None
+        raise common.Skipped(
+            f"the trainer API (tfbn.finetune.trainer) is not usable ({error})"
+        ) from None
 
 
 def _steps_per_second(run_steps, steps: int) -> float:
@@ -38,7 +39,7 @@ def _steps_per_second(run_steps, steps: int) -> float:
     return steps / (time.perf_counter() - start)
 
 
-def run(repeats: int = 7, smoke: bool = False, steps: int = 10) -> List[common.Row]:
+def run(repeats: int = 7, smoke: bool = False, steps: int = 10) -> list[common.Row]:
     """Steps/sec of both loops over `steps` steps, alternated `repeats` times.
 
     Short alternating rounds spread a shared machine's load bursts over
@@ -91,7 +92,9 @@ def run(repeats: int = 7, smoke: bool = False, steps: int = 10) -> List[common.R
 
 
 def main(argv=None) -> None:
-    common.run_from_command_line(__doc__.splitlines()[0], run, argv, extra_arguments=[("--steps", int, 10)])
+    common.run_from_command_line(
+        __doc__.splitlines()[0], run, argv, extra_arguments=[("--steps", int, 10)]
+    )
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ Run: `python -m benchmarks.training_step [--repeats N] [--smoke]`.
 
 from __future__ import annotations
 
-from typing import List
-
 import keras
 import tensorflow as tf
 
@@ -54,7 +52,7 @@ def make_train_step(model: keras.Model):
     return step
 
 
-def run(repeats: int = 7, smoke: bool = False) -> List[common.Row]:
+def run(repeats: int = 7, smoke: bool = False) -> list[common.Row]:
     """Times the three networks; ratios relative to the stock-BN network."""
     batch, size, channels = (2, 8, 4) if smoke else (32, 32, 64)
     images = tf.random.normal([batch, size, size, 3])

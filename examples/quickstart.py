@@ -8,9 +8,8 @@ the statistics of the data they should track, and shows the explicit,
 path-filtered update API.
 """
 
-import numpy as np
-
 import keras
+import numpy as np
 import tensorflow as tf
 
 import tfbn

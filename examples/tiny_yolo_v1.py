@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Dict, NamedTuple
+from typing import NamedTuple
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -50,7 +50,9 @@ def _conv(x, filters, scope, is_training, batch_norm=True):
         )
         y = tf.nn.conv2d(x, kernel, strides=1, padding="SAME")
         if not batch_norm:
-            return y + tf.compat.v1.get_variable("biases", [filters], initializer=tf.compat.v1.zeros_initializer())
+            return y + tf.compat.v1.get_variable(
+                "biases", [filters], initializer=tf.compat.v1.zeros_initializer()
+            )
         endpoints = {"bn_input": y}
         y = tfbn_v1.batch_norm(
             y,
@@ -63,7 +65,7 @@ def _conv(x, filters, scope, is_training, batch_norm=True):
         return tf.nn.leaky_relu(y, alpha=0.1), endpoints
 
 
-def build_tiny_yolo(images, is_training) -> Dict[str, tf.Tensor]:
+def build_tiny_yolo(images, is_training) -> dict[str, tf.Tensor]:
     """The model of the seed: `tiny_yolo/{backbone, yolov3_head}`, one flag for all BNs.
 
     Returns:
@@ -89,7 +91,7 @@ class TrainingGraph(NamedTuple):
     images: tf.Tensor
     targets: tf.Tensor
     is_training: tf.Tensor
-    endpoints: Dict[str, tf.Tensor]
+    endpoints: dict[str, tf.Tensor]
     loss: tf.Tensor
     train_op: tf.Operation
     backbone_saver: tf.compat.v1.train.Saver
@@ -107,7 +109,9 @@ def build_training_graph(wiring: str, learning_rate: float = 0.05) -> TrainingGr
     graph = tf.Graph()
     with graph.as_default():
         images = tf.compat.v1.placeholder(tf.float32, (None,) + IMAGE_SHAPE, name="images")
-        targets = tf.compat.v1.placeholder(tf.float32, (None,) + IMAGE_SHAPE[:2] + (NUM_OUTPUTS,), name="targets")
+        targets = tf.compat.v1.placeholder(
+            tf.float32, (None,) + IMAGE_SHAPE[:2] + (NUM_OUTPUTS,), name="targets"
+        )
         is_training = tf.compat.v1.placeholder(tf.bool, [], name="is_training")
         endpoints = build_tiny_yolo(images, is_training)
         loss = tf.reduce_mean(tf.square(endpoints["predictions"] - targets))
@@ -118,16 +122,22 @@ def build_training_graph(wiring: str, learning_rate: float = 0.05) -> TrainingGr
             with tf.control_dependencies(update_ops):
                 train_op = optimizer.minimize(loss, var_list=head_vars)
         elif wiring == "scoped":
-            train_op = tfbn_v1.minimize_with_updates(optimizer, loss, var_list=HEAD, update_scope=HEAD)
+            train_op = tfbn_v1.minimize_with_updates(
+                optimizer, loss, var_list=HEAD, update_scope=HEAD
+            )
         elif wiring == "unwired":
             train_op = optimizer.minimize(loss, var_list=head_vars)
         else:
-            raise ValueError(f"`wiring` must be 'naive', 'scoped' or 'unwired'; received {wiring!r}.")
+            raise ValueError(
+                f"`wiring` must be 'naive', 'scoped' or 'unwired'; received {wiring!r}."
+            )
         backbone_saver = tf.compat.v1.train.Saver(var_list=tf.compat.v1.global_variables(BACKBONE))
-    return TrainingGraph(graph, images, targets, is_training, endpoints, loss, train_op, backbone_saver)
+    return TrainingGraph(
+        graph, images, targets, is_training, endpoints, loss, train_op, backbone_saver
+    )
 
 
-def write_backbone_checkpoint(prefix: str) -> Dict[str, np.ndarray]:
+def write_backbone_checkpoint(prefix: str) -> dict[str, np.ndarray]:
     """Saves a "pretrained" backbone (known BN statistics); returns its values by name."""
     model = build_training_graph("scoped")
     with model.graph.as_default(), tf.compat.v1.Session(graph=model.graph) as session:
@@ -135,7 +145,11 @@ def write_backbone_checkpoint(prefix: str) -> Dict[str, np.ndarray]:
         for variable in tf.compat.v1.global_variables(BACKBONE):
             short_name = variable.op.name.rsplit("/", 1)[-1]
             if short_name in CHECKPOINT_BN_VALUES:
-                session.run(variable.assign(np.full(variable.shape, CHECKPOINT_BN_VALUES[short_name], np.float32)))
+                session.run(
+                    variable.assign(
+                        np.full(variable.shape, CHECKPOINT_BN_VALUES[short_name], np.float32)
+                    )
+                )
         model.backbone_saver.save(session, prefix, write_meta_graph=False, write_state=False)
         return {v.op.name: session.run(v) for v in tf.compat.v1.global_variables(BACKBONE)}
 
@@ -144,11 +158,13 @@ def fine_tune_data(seed: int = 0, batch_size: int = 2):
     """Images ~ N(-3, 0.5^2), far from the checkpoint's statistics, and targets."""
     rng = np.random.default_rng(seed)
     images = rng.normal(-3.0, 0.5, (batch_size,) + IMAGE_SHAPE).astype(np.float32)
-    targets = rng.normal(0.0, 1.0, (batch_size,) + IMAGE_SHAPE[:2] + (NUM_OUTPUTS,)).astype(np.float32)
+    targets = rng.normal(0.0, 1.0, (batch_size,) + IMAGE_SHAPE[:2] + (NUM_OUTPUTS,)).astype(
+        np.float32
+    )
     return images, targets
 
 
-def _drift(before: Dict[str, np.ndarray], after: Dict[str, np.ndarray]):
+def _drift(before: dict[str, np.ndarray], after: dict[str, np.ndarray]):
     return {name: float(np.max(np.abs(after[name] - before[name]))) for name in before}
 
 
@@ -172,14 +188,22 @@ def main(steps: int = 10):
                     feed = {model.images: images, model.targets: targets, model.is_training: True}
                     for _ in range(steps):
                         session.run(model.train_op, feed)
-                    backbone = {v.op.name: session.run(v) for v in tf.compat.v1.global_variables(BACKBONE)}
+                    backbone = {
+                        v.op.name: session.run(v) for v in tf.compat.v1.global_variables(BACKBONE)
+                    }
                     drift = _drift(checkpoint, backbone)
                     moved = sorted(name for name, value in drift.items() if value > 0)
-                    print(f"[{wiring}] backbone variables changed after {steps} steps: {moved or 'none'}")
-                    head_mean = session.run(tf.compat.v1.global_variables(HEAD + "/conv1/BatchNorm/moving_mean")[0])
+                    print(
+                        f"[{wiring}] backbone variables changed after {steps} steps: {moved or 'none'}"
+                    )
+                    head_mean = session.run(
+                        tf.compat.v1.global_variables(HEAD + "/conv1/BatchNorm/moving_mean")[0]
+                    )
                     print(f"[{wiring}] head moving_mean: {np.round(head_mean, 4)}")
                     eval_loss = session.run(model.loss, {**feed, model.is_training: False})
-                    print(f"[{wiring}] eval loss (is_training=False, moving statistics): {eval_loss:.4f}")
+                    print(
+                        f"[{wiring}] eval loss (is_training=False, moving statistics): {eval_loss:.4f}"
+                    )
 
 
 if __name__ == "__main__":

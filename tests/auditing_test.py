@@ -7,8 +7,8 @@ import keras
 import numpy as np
 
 import tfbn
-from tfbn.auditing import AuditReport, Finding, audit
-from tfbn.population_statistics import recompute_statistics
+from tfbn.tools.auditing import AuditReport, Finding, audit
+from tfbn.tools.population_statistics import recompute_statistics
 
 L = keras.layers
 
@@ -93,7 +93,9 @@ def test_data_check_flags_only_the_layer_that_disagrees():
     report = audit(model, batches)
 
     assert [(f.layer, f.check) for f in report.findings] == [("bn_b", "statistics_mismatch")]
-    shifted_by = float(re.search(r"mean off by up to ([0-9.]+) std", report.findings[0].message).group(1))
+    shifted_by = float(
+        re.search(r"mean off by up to ([0-9.]+) std", report.findings[0].message).group(1)
+    )
     np.testing.assert_allclose(shifted_by, 0.5, atol=2e-3)
 
 

@@ -5,11 +5,11 @@ import os
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
-
 import reference
-import tfbn
+import tensorflow as tf
 from harness import forward_backward
+
+import tfbn
 
 RNG = np.random.default_rng(1234)
 
@@ -24,8 +24,11 @@ def _randomize(layer, seed=0):
     rng = np.random.default_rng(seed)
     layer.set_weights(
         [
-            (rng.uniform(0.5, 2.0, w.shape) if "variance" in v.name or "stddev" in v.name
-             else rng.normal(0, 1, w.shape)).astype(w.dtype)
+            (
+                rng.uniform(0.5, 2.0, w.shape)
+                if "variance" in v.name or "stddev" in v.name
+                else rng.normal(0, 1, w.shape)
+            ).astype(w.dtype)
             for v, w in zip(layer.weights, layer.get_weights())
         ]
     )
@@ -48,7 +51,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("shape, axis", CASES)
-@pytest.mark.parametrize("center, scale", [(True, True), (False, True), (True, False), (False, False)])
+@pytest.mark.parametrize(
+    "center, scale", [(True, True), (False, True), (True, False), (False, False)]
+)
 def test_training_forward_and_backward_match_numpy(shape, axis, center, scale):
     x = _normal(shape, mean=1.5, std=2.0)
     layer = tfbn.BatchNormalization(axis=axis, center=center, scale=scale, epsilon=1e-3)
@@ -63,7 +68,9 @@ def test_training_forward_and_backward_match_numpy(shape, axis, center, scale):
     y, *grads = forward_backward(layer, x, dy)
 
     y_ref, _, _ = reference.batch_norm_train(x, gamma, beta, feature_axes, 1e-3)
-    dx_ref, dgamma_ref, dbeta_ref = reference.batch_norm_train_grad(x, gamma, dy, feature_axes, 1e-3)
+    dx_ref, dgamma_ref, dbeta_ref = reference.batch_norm_train_grad(
+        x, gamma, dy, feature_axes, 1e-3
+    )
     np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(grads[0], dx_ref, rtol=1e-3, atol=1e-4)
     rest = grads[1:]
@@ -134,8 +141,12 @@ def test_cumulative_average_and_reset():
     for batch in batches:
         layer(batch, training=True)
     stacked = np.stack([b.astype(np.float64) for b in batches])
-    np.testing.assert_allclose(layer.moving_mean.numpy(), stacked.mean(axis=1).mean(axis=0), rtol=1e-5)
-    np.testing.assert_allclose(layer.moving_variance.numpy(), stacked.var(axis=1).mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(
+        layer.moving_mean.numpy(), stacked.mean(axis=1).mean(axis=0), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        layer.moving_variance.numpy(), stacked.var(axis=1).mean(axis=0), rtol=1e-5
+    )
     assert layer.num_batches_tracked.numpy() == 5
 
 
@@ -175,8 +186,12 @@ def test_weights_interchange_with_the_stock_layer():
 
 
 def test_renorm_matches_the_stock_layer_over_five_steps():
-    kwargs = dict(renorm=True, renorm_clipping={"rmax": 1.5, "rmin": 0.7, "dmax": 0.5},
-                  renorm_momentum=0.8, momentum=0.9)
+    kwargs = {
+        "renorm": True,
+        "renorm_clipping": {"rmax": 1.5, "rmin": 0.7, "dmax": 0.5},
+        "renorm_momentum": 0.8,
+        "momentum": 0.9,
+    }
     stock = keras.layers.BatchNormalization(**kwargs)
     ours = tfbn.BatchNormalization(**kwargs)
     stock.build((16, 3))
@@ -194,8 +209,15 @@ def test_renorm_matches_the_stock_layer_over_five_steps():
 
 def test_renorm_matches_numpy_reference():
     eps, rmax, dmax, mom, rmom = 1e-3, 1.2, 0.3, 0.9, 0.5
-    layer = tfbn.BatchNormalization(renorm=True, renorm_clipping={"rmax": rmax, "rmin": 1 / rmax, "dmax": dmax},
-                                    renorm_momentum=rmom, momentum=mom, epsilon=eps, center=False, scale=False)
+    layer = tfbn.BatchNormalization(
+        renorm=True,
+        renorm_clipping={"rmax": rmax, "rmin": 1 / rmax, "dmax": dmax},
+        renorm_momentum=rmom,
+        momentum=mom,
+        epsilon=eps,
+        center=False,
+        scale=False,
+    )
     renorm_mean, renorm_std = np.zeros(2), np.sqrt(np.ones(2))
     for step in range(5):
         x = _normal((32, 2), mean=3.0, std=4.0, seed=step)
@@ -214,17 +236,24 @@ def test_renorm_matches_numpy_reference():
 def test_moving_statistics_after_fit_match_the_stock_layer():
     def build(bn):
         keras.utils.set_random_seed(0)
-        return keras.Sequential([keras.Input((6,)), keras.layers.Dense(5), bn, keras.layers.Dense(1)])
+        return keras.Sequential(
+            [keras.Input((6,)), keras.layers.Dense(5), bn, keras.layers.Dense(1)]
+        )
 
     x, y = _normal((64, 6), seed=1), _normal((64, 1), seed=2)
-    models = [build(keras.layers.BatchNormalization(momentum=0.8)), build(tfbn.BatchNormalization(momentum=0.8))]
+    models = [
+        build(keras.layers.BatchNormalization(momentum=0.8)),
+        build(tfbn.BatchNormalization(momentum=0.8)),
+    ]
     models[1].set_weights(models[0].get_weights())
     for model in models:
         model.compile(keras.optimizers.SGD(0.01), "mse")
         model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
     for a, b in zip(models[0].layers[1].get_weights(), models[1].layers[1].get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(models[0].predict(x, verbose=0), models[1].predict(x, verbose=0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        models[0].predict(x, verbose=0), models[1].predict(x, verbose=0), rtol=1e-4, atol=1e-4
+    )
 
 
 # --------------------------------------------------------------------------
@@ -235,15 +264,23 @@ def test_frozen_layer_runs_in_inference_mode_without_updates_but_passes_gradient
     # PAIN_POINTS 4.
     layer = tfbn.BatchNormalization()
     layer.build((64, 2))
-    layer.set_weights([np.full(2, 1.5, np.float32), np.full(2, 0.2, np.float32),
-                       np.full(2, 3.0, np.float32), np.full(2, 4.0, np.float32)])
+    layer.set_weights(
+        [
+            np.full(2, 1.5, np.float32),
+            np.full(2, 0.2, np.float32),
+            np.full(2, 3.0, np.float32),
+            np.full(2, 4.0, np.float32),
+        ]
+    )
     layer.trainable = False
     assert layer.trainable_weights == []
     x = tf.constant(_normal((64, 2)))
     with tf.GradientTape() as tape:
         tape.watch(x)
         y = layer(x, training=True)
-    np.testing.assert_allclose(y.numpy(), 1.5 * (x.numpy() - 3.0) / np.sqrt(4.0 + 1e-3) + 0.2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        y.numpy(), 1.5 * (x.numpy() - 3.0) / np.sqrt(4.0 + 1e-3) + 0.2, rtol=1e-5, atol=1e-6
+    )
     assert np.array_equal(layer.moving_mean.numpy(), np.full(2, 3.0, np.float32))
     assert np.all(tape.gradient(y, x).numpy() != 0)
     layer.trainable = True
@@ -252,7 +289,9 @@ def test_frozen_layer_runs_in_inference_mode_without_updates_but_passes_gradient
 
 
 def test_frozen_base_stays_frozen_inside_fit_and_thaws_after_recompile():
-    base = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4), tfbn.BatchNormalization(name="bn")], name="base")
+    base = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(4), tfbn.BatchNormalization(name="bn")], name="base"
+    )
     model = keras.Sequential([base, keras.layers.Dense(1)])
     x, y = _normal((32, 4), mean=3.0), _normal((32, 1))
     base.trainable = False
@@ -290,7 +329,7 @@ def test_predict_does_not_depend_on_batch_composition():
     model.fit(_normal((32, 3), mean=2.0), _normal((32, 3)), epochs=1, verbose=0)
     x = _normal((8, 3))
     together = model.predict(x, batch_size=8, verbose=0)
-    alone = np.concatenate([model(x[i:i + 1], training=False).numpy() for i in range(8)])
+    alone = np.concatenate([model(x[i : i + 1], training=False).numpy() for i in range(8)])
     np.testing.assert_allclose(model.predict(x, batch_size=1, verbose=0), together, rtol=1e-6)
     np.testing.assert_allclose(alone, together, rtol=1e-6)
 
@@ -313,7 +352,9 @@ def test_tensor_flag_in_tf_function_traces_once_and_gates_updates():
     inference = run(x, tf.constant(False)).numpy()
     assert np.array_equal(layer.moving_mean.numpy(), np.zeros(3, np.float32))
     training = run(x, tf.constant(True)).numpy()
-    np.testing.assert_allclose(layer.moving_mean.numpy(), 0.5 * x.astype(np.float64).mean(0), rtol=1e-6)
+    np.testing.assert_allclose(
+        layer.moving_mean.numpy(), 0.5 * x.astype(np.float64).mean(0), rtol=1e-6
+    )
     assert len(traces) == 1
     np.testing.assert_allclose(training.mean(0), np.zeros(3), atol=1e-5)
     assert not np.allclose(inference, training)
@@ -333,7 +374,9 @@ def test_tensor_flag_under_deferred_updates():
     run(tf.constant(False))
     assert np.array_equal(layer.moving_mean.numpy(), np.zeros(3, np.float32))
     run(tf.constant(True))
-    np.testing.assert_allclose(layer.moving_mean.numpy(), 0.5 * x.astype(np.float64).mean(0), rtol=1e-6)
+    np.testing.assert_allclose(
+        layer.moving_mean.numpy(), 0.5 * x.astype(np.float64).mean(0), rtol=1e-6
+    )
 
 
 def test_five_steps_agree_in_eager_function_and_xla():
@@ -392,8 +435,12 @@ def test_low_precision_statistics_are_float32_and_do_not_overflow(policy):
     assert np.all(np.isfinite(y.numpy().astype(np.float32)))
     assert all(w.dtype == "float32" for w in layer.weights)
     tolerance = 1e-2 if "bfloat16" in policy else 1e-3
-    np.testing.assert_allclose(layer.moving_mean.numpy(), reference_layer.moving_mean.numpy(), rtol=tolerance)
-    np.testing.assert_allclose(layer.moving_variance.numpy(), reference_layer.moving_variance.numpy(), rtol=5 * tolerance)
+    np.testing.assert_allclose(
+        layer.moving_mean.numpy(), reference_layer.moving_mean.numpy(), rtol=tolerance
+    )
+    np.testing.assert_allclose(
+        layer.moving_variance.numpy(), reference_layer.moving_variance.numpy(), rtol=5 * tolerance
+    )
 
 
 def test_bfloat16_small_increments_are_not_lost():
@@ -402,7 +449,9 @@ def test_bfloat16_small_increments_are_not_lost():
     for step in range(300):
         x = _normal((16, 2), mean=1.0 + 0.01 * step, seed=step)
         layer(tf.cast(x, tf.bfloat16), training=True)
-        reference_mean = 0.999 * reference_mean + 0.001 * tf.cast(tf.cast(x, tf.bfloat16), tf.float64).numpy().mean(0)
+        reference_mean = 0.999 * reference_mean + 0.001 * tf.cast(
+            tf.cast(x, tf.bfloat16), tf.float64
+        ).numpy().mean(0)
     np.testing.assert_allclose(layer.moving_mean.numpy(), reference_mean, rtol=1e-3)
 
 
@@ -462,7 +511,10 @@ def test_non_finite_batch_leaves_statistics_bit_identical():
 @pytest.mark.parametrize("shape", [(1, 4), (1, 1, 1, 4)])
 def test_one_value_per_feature_in_training_raises_naming_the_shape(shape):
     layer = tfbn.BatchNormalization()
-    with pytest.raises(ValueError, match=r"one value per feature.*" + str(shape).replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(
+        ValueError,
+        match=r"one value per feature.*" + str(shape).replace("(", r"\(").replace(")", r"\)"),
+    ):
         layer(np.zeros(shape, np.float32), training=True)
 
 
@@ -480,24 +532,28 @@ def test_one_sample_with_spatial_extent_is_fine():
     layer = tfbn.BatchNormalization(momentum=0.99)
     x = _normal((1, 4, 4, 2))
     layer(x, training=True)
-    np.testing.assert_allclose(layer.moving_variance.numpy(), 0.99 + 0.01 * x.astype(np.float64).var(axis=(0, 1, 2)), rtol=1e-6)
+    np.testing.assert_allclose(
+        layer.moving_variance.numpy(),
+        0.99 + 0.01 * x.astype(np.float64).var(axis=(0, 1, 2)),
+        rtol=1e-6,
+    )
 
 
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(momentum=1.0), ValueError, r"momentum.*\[0, 1\).*1\.0"),
-        (dict(momentum=-0.1), ValueError, "momentum"),
-        (dict(momentum="fast"), TypeError, "momentum"),
-        (dict(epsilon=0.0), ValueError, r"epsilon.*> 0"),
-        (dict(epsilon=-1e-3), ValueError, "epsilon"),
-        (dict(moving_variance_estimator="bessel"), ValueError, "moving_variance_estimator"),
-        (dict(axis=[1, 1]), ValueError, "duplicate"),
-        (dict(axis=1.5), TypeError, "axis"),
-        (dict(renorm=True, renorm_clipping={"rmx": 2}), ValueError, "renorm_clipping"),
-        (dict(renorm=True, renorm_momentum=1.5), ValueError, "renorm_momentum"),
-        (dict(virtual_batch_size=1), ValueError, "virtual_batch_size"),
-        (dict(virtual_batch_size=4, synchronized=True), ValueError, "synchronized"),
+        ({"momentum": 1.0}, ValueError, r"momentum.*\[0, 1\).*1\.0"),
+        ({"momentum": -0.1}, ValueError, "momentum"),
+        ({"momentum": "fast"}, TypeError, "momentum"),
+        ({"epsilon": 0.0}, ValueError, r"epsilon.*> 0"),
+        ({"epsilon": -1e-3}, ValueError, "epsilon"),
+        ({"moving_variance_estimator": "bessel"}, ValueError, "moving_variance_estimator"),
+        ({"axis": [1, 1]}, ValueError, "duplicate"),
+        ({"axis": 1.5}, TypeError, "axis"),
+        ({"renorm": True, "renorm_clipping": {"rmx": 2}}, ValueError, "renorm_clipping"),
+        ({"renorm": True, "renorm_momentum": 1.5}, ValueError, "renorm_momentum"),
+        ({"virtual_batch_size": 1}, ValueError, "virtual_batch_size"),
+        ({"virtual_batch_size": 4, "synchronized": True}, ValueError, "synchronized"),
     ],
 )
 def test_construction_validates_arguments(kwargs, error, match):
@@ -540,7 +596,7 @@ def test_ghost_batches_do_not_constrain_inference():
     layer(_normal((8, 3)), training=True)
     x = _normal((3, 3))
     together = layer(x, training=False).numpy()
-    alone = np.concatenate([layer(x[i:i + 1], training=False).numpy() for i in range(3)])
+    alone = np.concatenate([layer(x[i : i + 1], training=False).numpy() for i in range(3)])
     np.testing.assert_allclose(together, alone, rtol=1e-6)
     with pytest.raises(ValueError, match="virtual_batch_size"):
         layer(_normal((6, 3)), training=True)
@@ -568,14 +624,22 @@ def test_synchronized_equals_single_device_on_the_global_batch(axis, two_cpu_str
     with strategy.scope():
         synced = tfbn.BatchNormalization(axis=axis, momentum=0.5, synchronized=True)
         synced.build((None,) + shape[1:])
-    outputs = strategy.run(tf.function(lambda x: synced(x, training=True)), args=(_replica_batches(strategy, shards),))
+    outputs = strategy.run(
+        tf.function(lambda x: synced(x, training=True)), args=(_replica_batches(strategy, shards),)
+    )
     per_replica = strategy.experimental_local_results(outputs)
-    np.testing.assert_allclose(np.concatenate([t.numpy() for t in per_replica]), single_y, atol=1e-5)
+    np.testing.assert_allclose(
+        np.concatenate([t.numpy() for t in per_replica]), single_y, atol=1e-5
+    )
     for variable in (synced.moving_mean, synced.moving_variance):
         values = [v.numpy() for v in strategy.experimental_local_results(variable.value)]
         assert np.array_equal(values[0], values[1])
-    np.testing.assert_allclose(synced.moving_mean.numpy(), single.moving_mean.numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(synced.moving_variance.numpy(), single.moving_variance.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(
+        synced.moving_mean.numpy(), single.moving_mean.numpy(), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        synced.moving_variance.numpy(), single.moving_variance.numpy(), rtol=1e-5
+    )
 
 
 def test_local_statistics_without_sync_and_averaged_moving_statistics(two_cpu_strategy):
@@ -584,7 +648,9 @@ def test_local_statistics_without_sync_and_averaged_moving_statistics(two_cpu_st
     with strategy.scope():
         layer = tfbn.BatchNormalization(momentum=0.5)
         layer.build((None, 3))
-    outputs = strategy.run(tf.function(lambda x: layer(x, training=True)), args=(_replica_batches(strategy, shards),))
+    outputs = strategy.run(
+        tf.function(lambda x: layer(x, training=True)), args=(_replica_batches(strategy, shards),)
+    )
     for shard, y in zip(shards, strategy.experimental_local_results(outputs)):
         expected, _, _ = reference.batch_norm_train(shard, np.ones(3), np.zeros(3), [-1], 1e-3)
         np.testing.assert_allclose(y.numpy(), expected, rtol=1e-4, atol=1e-5)
@@ -601,8 +667,12 @@ def test_synchronized_with_one_empty_replica_stays_finite(two_cpu_strategy):
     with strategy.scope():
         layer = tfbn.BatchNormalization(momentum=0.5, synchronized=True)
         layer.build((None, 2))
-    strategy.run(tf.function(lambda x: layer(x, training=True)), args=(_replica_batches(strategy, shards),))
-    np.testing.assert_allclose(layer.moving_mean.numpy(), 0.5 * shards[0].astype(np.float64).mean(0), rtol=1e-5)
+    strategy.run(
+        tf.function(lambda x: layer(x, training=True)), args=(_replica_batches(strategy, shards),)
+    )
+    np.testing.assert_allclose(
+        layer.moving_mean.numpy(), 0.5 * shards[0].astype(np.float64).mean(0), rtol=1e-5
+    )
     assert np.all(np.isfinite(layer.moving_variance.numpy()))
 
 
@@ -612,9 +682,17 @@ def test_synchronized_with_one_empty_replica_stays_finite(two_cpu_strategy):
 
 def test_config_round_trip_keeps_every_argument():
     layer = tfbn.BatchNormalization(
-        axis=[1, 2], momentum=None, epsilon=1e-5, center=False, renorm=True,
-        renorm_clipping={"rmax": 3.0}, renorm_momentum=0.9, moving_variance_estimator="unbiased",
-        virtual_batch_size=4, fused=True, name="bn",
+        axis=[1, 2],
+        momentum=None,
+        epsilon=1e-5,
+        center=False,
+        renorm=True,
+        renorm_clipping={"rmax": 3.0},
+        renorm_momentum=0.9,
+        moving_variance_estimator="unbiased",
+        virtual_batch_size=4,
+        fused=True,
+        name="bn",
     )
     config = layer.get_config()
     clone = tfbn.BatchNormalization.from_config(config)
@@ -625,7 +703,9 @@ def test_keras_file_and_saved_model_give_identical_outputs(tmp_path):
     inputs = keras.Input((5, 5, 3))
     hidden = keras.layers.Conv2D(4, 3, name="conv")(inputs)
     hidden = tfbn.BatchNormalization(momentum=None, name="bn")(hidden)
-    outputs = tfbn.BatchNormalization(axis=[1, 3], moving_variance_estimator="unbiased", name="bn2")(hidden)
+    outputs = tfbn.BatchNormalization(
+        axis=[1, 3], moving_variance_estimator="unbiased", name="bn2"
+    )(hidden)
     model = keras.Model(inputs, outputs)
     x = _normal((6, 5, 5, 3), mean=2.0)
     model(x, training=True)

@@ -41,5 +41,12 @@ def test_run_all_smoke_writes_the_report(tmp_path):
     output = tmp_path / "BENCHMARKS.md"
     run_all.main(["--smoke", "--repeats", "1", "--output", str(output)])
     text = output.read_text()
-    for expected in ("## Machine", "oneDNN:", "tensorflow: ", "Conv-BN-ReLU train step", "(4) Inference", "(5) Trainer"):
+    for expected in (
+        "## Machine",
+        "oneDNN:",
+        "tensorflow: ",
+        "Conv-BN-ReLU train step",
+        "(4) Inference",
+        "(5) Trainer",
+    ):
         assert expected in text

@@ -39,7 +39,9 @@ def saved(tmp_path):
         layer.beta.assign(np.full(4, 0.3, np.float32))
     optimizer = keras.optimizers.Adam()
     optimizer.build(full.trainable_variables)
-    ckpt = checkpoint_lib.make_checkpoint(full, optimizer, tf.Variable(7, dtype=tf.int64), tf.Variable(0, dtype=tf.int64))
+    ckpt = checkpoint_lib.make_checkpoint(
+        full, optimizer, tf.Variable(7, dtype=tf.int64), tf.Variable(0, dtype=tf.int64)
+    )
     prefix = ckpt.save(str(tmp_path / "ckpt"))
     return prefix, {v.path: v.numpy() for v in full.variables}
 
@@ -81,7 +83,9 @@ def test_typo_and_missing_and_shape_errors(saved):
         checkpoint_lib.restore_partial(model(80, extra_head_layer=True), prefix)
     with pytest.raises(ValueError, match="shape"):
         checkpoint_lib.restore_partial(model(3), prefix)
-    report = checkpoint_lib.restore_partial(model(80, extra_head_layer=True), prefix, exclude=["head/extra/"])
+    report = checkpoint_lib.restore_partial(
+        model(80, extra_head_layer=True), prefix, exclude=["head/extra/"]
+    )
     assert "head/extra/kernel" in report.not_restored
 
 
@@ -138,8 +142,14 @@ def test_resume_requires_a_matching_checkpoint(tmp_path, saved):
     ckpt2 = checkpoint_lib.make_checkpoint(second, optimizer, step2, tf.Variable(0, dtype=tf.int64))
     manager2 = tf.train.CheckpointManager(ckpt2, str(tmp_path / "run"), max_to_keep=2)
     assert checkpoint_lib.resume(ckpt2, manager2).endswith("-5") and int(step2.numpy()) == 5
-    assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(first.variables, second.variables))
+    assert all(
+        np.array_equal(a.numpy(), b.numpy()) for a, b in zip(first.variables, second.variables)
+    )
     other = model(3)
-    ckpt3 = checkpoint_lib.make_checkpoint(other, optimizer, tf.Variable(0, dtype=tf.int64), tf.Variable(0, dtype=tf.int64))
+    ckpt3 = checkpoint_lib.make_checkpoint(
+        other, optimizer, tf.Variable(0, dtype=tf.int64), tf.Variable(0, dtype=tf.int64)
+    )
     with pytest.raises(ValueError, match="does not match this run"):
-        checkpoint_lib.resume(ckpt3, tf.train.CheckpointManager(ckpt3, str(tmp_path / "run"), max_to_keep=2))
+        checkpoint_lib.resume(
+            ckpt3, tf.train.CheckpointManager(ckpt3, str(tmp_path / "run"), max_to_keep=2)
+        )

@@ -8,9 +8,9 @@ directly with weighted float64 statistics, so it shares no code with
 import numpy as np
 import pytest
 import tensorflow as tf
+from harness import forward_backward
 
 import tfbn
-from harness import forward_backward
 
 RNG = np.random.default_rng(2024)
 

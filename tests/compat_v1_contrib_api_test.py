@@ -41,7 +41,9 @@ def test_names_defaults_and_collections():
         ]
         assert [v.op.name for v in tf.compat.v1.trainable_variables()] == ["net/BatchNorm/beta"]
         assert [v.op.name for v in tf.compat.v1.model_variables()] == names
-        assert [v.op.name for v in tf.compat.v1.get_collection("stats")] == ["net/BatchNorm/moving_mean"]
+        assert [v.op.name for v in tf.compat.v1.get_collection("stats")] == [
+            "net/BatchNorm/moving_mean"
+        ]
         assert tf.compat.v1.get_collection("outputs") == [y]
         assert y.op.type == "Relu"
         # is_training defaults to True: two update ops per call.
@@ -55,7 +57,9 @@ def test_default_decay_and_scenario_of_forgotten_update_ops():
         x = tf.compat.v1.placeholder(tf.float32, [64, 8])
         y = tfbn_v1.batch_norm(x, decay=0.9, scale=True, scope="bn")
         loss = tf.reduce_mean(tf.square(y))
-        train_op = tfbn_v1.minimize_with_updates(tf.compat.v1.train.GradientDescentOptimizer(0.01), loss)
+        train_op = tfbn_v1.minimize_with_updates(
+            tf.compat.v1.train.GradientDescentOptimizer(0.01), loss
+        )
         mean, variance = _stat("bn", "moving_mean"), _stat("bn", "moving_variance")
         with tf.compat.v1.Session() as session:
             session.run(tf.compat.v1.global_variables_initializer())
@@ -63,7 +67,9 @@ def test_default_decay_and_scenario_of_forgotten_update_ops():
             session.run(train_op, {x: first})
             np.testing.assert_allclose(session.run(mean), 0.1 * first.mean(0), rtol=1e-6)
             # contrib fused 2D inputs: the stored variance is Bessel-corrected.
-            np.testing.assert_allclose(session.run(variance), 0.9 + 0.1 * first.var(0, ddof=1), rtol=1e-6)
+            np.testing.assert_allclose(
+                session.run(variance), 0.9 + 0.1 * first.var(0, ddof=1), rtol=1e-6
+            )
             want_mean = 0.1 * first.mean(0).astype(np.float64)
             want_variance = 0.9 + 0.1 * first.var(0, ddof=1).astype(np.float64)
             for step in range(60):
@@ -85,14 +91,18 @@ def test_decay_equals_layers_style_momentum():
     # fused=False: the same kernel on both sides, so the bits must agree.
     for build in (
         lambda x: tfbn_v1.batch_norm(x, decay=0.9, scale=True, fused=False),
-        lambda x: tfbn_v1.batch_normalization(x, momentum=0.9, epsilon=0.001, training=True, fused=False),
+        lambda x: tfbn_v1.batch_normalization(
+            x, momentum=0.9, epsilon=0.001, training=True, fused=False
+        ),
     ):
         with tf.Graph().as_default():
             y = build(tf.constant(x_value))
             with tf.compat.v1.Session() as session:
                 session.run(tf.compat.v1.global_variables_initializer())
                 out, _ = session.run([y, tf.compat.v1.get_collection(GraphKeys.UPDATE_OPS)])
-                stats = [session.run(v) for v in tf.compat.v1.global_variables() if "moving" in v.name]
+                stats = [
+                    session.run(v) for v in tf.compat.v1.global_variables() if "moving" in v.name
+                ]
                 results.append((out, stats))
     assert np.array_equal(results[0][0], results[1][0])
     for a, b in zip(results[0][1], results[1][1]):
@@ -102,7 +112,9 @@ def test_decay_equals_layers_style_momentum():
 def test_updates_collections_none_forces_update_with_output():
     x_value = _data((4, 3))
     with tf.Graph().as_default():
-        y = tfbn_v1.batch_norm(tf.constant(x_value), decay=0.5, updates_collections=None, scope="bn")
+        y = tfbn_v1.batch_norm(
+            tf.constant(x_value), decay=0.5, updates_collections=None, scope="bn"
+        )
         assert tf.compat.v1.get_collection(GraphKeys.UPDATE_OPS) == []
         mean = _stat("bn", "moving_mean")
         with tf.compat.v1.Session() as session:
@@ -135,7 +147,9 @@ def test_nchw_equals_nhwc():
     results = []
     for data_format, x in (("NCHW", x_value), ("NHWC", x_value.transpose(0, 2, 3, 1))):
         with tf.Graph().as_default():
-            y = tfbn_v1.batch_norm(tf.constant(x), data_format=data_format, updates_collections=None, scope="bn")
+            y = tfbn_v1.batch_norm(
+                tf.constant(x), data_format=data_format, updates_collections=None, scope="bn"
+            )
             with tf.compat.v1.Session() as session:
                 session.run(tf.compat.v1.global_variables_initializer())
                 out = session.run(y)
@@ -147,7 +161,12 @@ def test_nchw_equals_nhwc():
 
 @pytest.mark.parametrize(
     "shape, kwargs, unbiased",
-    [((4, 1), {}, True), ((4, 1), {"fused": False}, False), ((2, 2, 1), {}, False), ((4, 1, 1, 1), {}, True)],
+    [
+        ((4, 1), {}, True),
+        ((4, 1), {"fused": False}, False),
+        ((2, 2, 1), {}, False),
+        ((4, 1, 1, 1), {}, True),
+    ],
 )
 def test_variance_convention_follows_tf1_fused_rule(shape, kwargs, unbiased):
     x_value = np.array([1.0, 2.0, 3.0, 4.0], np.float32).reshape(shape)
@@ -172,12 +191,18 @@ def test_batch_weights_weight_the_statistics():
     weights = np.array([1.0, 0.0, 2.0, 1.0], np.float32)
     with tf.Graph().as_default():
         y = tfbn_v1.batch_norm(
-            tf.constant(x_value), batch_weights=tf.constant(weights), decay=0.0, updates_collections=None, scope="bn"
+            tf.constant(x_value),
+            batch_weights=tf.constant(weights),
+            decay=0.0,
+            updates_collections=None,
+            scope="bn",
         )
         with tf.compat.v1.Session() as session:
             session.run(tf.compat.v1.global_variables_initializer())
             out = session.run(y)
-            mean, variance = session.run([_stat("bn", "moving_mean"), _stat("bn", "moving_variance")])
+            mean, variance = session.run(
+                [_stat("bn", "moving_mean"), _stat("bn", "moving_variance")]
+            )
     w = weights[:, None].astype(np.float64)
     want_mean = (w * x_value).sum(0) / w.sum()
     want_var = (w * (x_value - want_mean) ** 2).sum(0) / w.sum()
@@ -197,6 +222,5 @@ def test_batch_weights_weight_the_statistics():
     ],
 )
 def test_invalid_arguments_raise(kwargs, match):
-    with tf.Graph().as_default():
-        with pytest.raises(ValueError, match=match):
-            tfbn_v1.batch_norm(tf.zeros([2, 3]), **kwargs)
+    with tf.Graph().as_default(), pytest.raises(ValueError, match=match):
+        tfbn_v1.batch_norm(tf.zeros([2, 3]), **kwargs)

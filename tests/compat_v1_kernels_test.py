@@ -4,9 +4,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from harness import forward_backward
 
 import tfbn
-from harness import forward_backward
 from tfbn.compat import v1 as tfbn_v1
 
 UPDATE_OPS = tf.compat.v1.GraphKeys.UPDATE_OPS
@@ -34,7 +34,10 @@ def _run(build, batch, dy):
 
 def _layer_step(batch, dy, axis):
     layer = tfbn.BatchNormalization(
-        axis=axis, momentum=0.5, epsilon=1e-3, moving_variance_estimator="unbiased",
+        axis=axis,
+        momentum=0.5,
+        epsilon=1e-3,
+        moving_variance_estimator="unbiased",
         gamma_initializer=keras.initializers.Constant(1.5),
         beta_initializer=keras.initializers.Constant(0.25),
     )
@@ -51,7 +54,12 @@ def test_fused_and_general_paths_agree_with_each_other_and_the_layer(shape, axis
     for fused in (None, False):
         paths[fused] = _run(
             lambda x: tfbn_v1.batch_normalization(
-                x, axis=axis, momentum=0.5, epsilon=1e-3, training=True, fused=fused,
+                x,
+                axis=axis,
+                momentum=0.5,
+                epsilon=1e-3,
+                training=True,
+                fused=fused,
                 gamma_initializer=tf.compat.v1.constant_initializer(1.5),
                 beta_initializer=tf.compat.v1.constant_initializer(0.25),
                 moving_variance_estimator="unbiased",
@@ -75,7 +83,9 @@ def test_options_the_kernel_cannot_take_use_the_general_path():
     x = _data((8, 2, 2, 3), 2)
     dy = _data((8, 2, 2, 3), 3, 0.0, 1.0)
     builds = {
-        "virtual_batch_size": lambda t: tfbn_v1.batch_normalization(t, training=True, virtual_batch_size=4),
+        "virtual_batch_size": lambda t: tfbn_v1.batch_normalization(
+            t, training=True, virtual_batch_size=4
+        ),
         "adjustment": lambda t: tfbn_v1.batch_normalization(
             t, training=True, adjustment=lambda shape: (tf.constant(2.0), tf.constant(0.5))
         ),
@@ -93,7 +103,9 @@ def test_options_the_kernel_cannot_take_use_the_general_path():
 def test_ghost_batch_gradients_match_the_layer():
     batch, dy = _data((8, 3), 4), _data((8, 3), 5, 0.0, 1.0)
     _, out, grads, stats = _run(
-        lambda t: tfbn_v1.batch_normalization(t, training=True, virtual_batch_size=4, momentum=0.5), batch, dy
+        lambda t: tfbn_v1.batch_normalization(t, training=True, virtual_batch_size=4, momentum=0.5),
+        batch,
+        dy,
     )
     layer = tfbn.BatchNormalization(virtual_batch_size=4, momentum=0.5)
     want_y, *want_grads = forward_backward(layer, batch, dy)
@@ -108,9 +120,12 @@ def test_fully_zero_batch_weights_normalize_with_the_moving_statistics():
     x_value = _data((4, 2), 6)
     with tf.Graph().as_default():
         y = tfbn_v1.batch_norm(
-            tf.constant(x_value), batch_weights=tf.zeros([4]), decay=0.5,
+            tf.constant(x_value),
+            batch_weights=tf.zeros([4]),
+            decay=0.5,
             param_initializers={"moving_mean": tf.compat.v1.constant_initializer(1.0)},
-            updates_collections=None, scope="bn",
+            updates_collections=None,
+            scope="bn",
         )
         with tf.compat.v1.Session() as session:
             session.run(tf.compat.v1.global_variables_initializer())

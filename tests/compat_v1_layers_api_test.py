@@ -6,11 +6,11 @@ import sys
 
 import numpy as np
 import pytest
+import reference
 import tensorflow as tf
 
 import tfbn
 from tfbn.compat import v1 as tfbn_v1
-import reference
 
 UPDATE_OPS = tf.compat.v1.GraphKeys.UPDATE_OPS
 FIXTURE_SCRIPT = os.path.join(os.path.dirname(__file__), "fixtures", "make_tf1_checkpoint.py")
@@ -41,17 +41,27 @@ def _train_in_graph(batches, **kwargs):
         with tf.compat.v1.Session() as session:
             session.run(tf.compat.v1.global_variables_initializer())
             outputs = [session.run([y, updates], {x: batch})[0] for batch in batches]
-            return outputs, session.run(variables["moving_mean"]), session.run(variables["moving_variance"])
+            return (
+                outputs,
+                session.run(variables["moving_mean"]),
+                session.run(variables["moving_variance"]),
+            )
 
 
 @pytest.mark.parametrize(
     "graph_kwargs, layer_estimator",
-    [({"fused": False}, "biased"), ({}, "unbiased"), ({"moving_variance_estimator": "biased"}, "biased")],
+    [
+        ({"fused": False}, "biased"),
+        ({}, "unbiased"),
+        ({"moving_variance_estimator": "biased"}, "biased"),
+    ],
 )
 def test_matches_tf2_layer(graph_kwargs, layer_estimator):
     batches = [_data((4, 3, 3, 5), seed) for seed in range(2)]
     outputs, mean, variance = _train_in_graph(batches, momentum=0.9, epsilon=1e-3, **graph_kwargs)
-    layer = tfbn.BatchNormalization(momentum=0.9, epsilon=1e-3, moving_variance_estimator=layer_estimator)
+    layer = tfbn.BatchNormalization(
+        momentum=0.9, epsilon=1e-3, moving_variance_estimator=layer_estimator
+    )
     expected = [layer(tf.constant(batch), training=True).numpy() for batch in batches]
     for got, want in zip(outputs, expected):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
@@ -71,14 +81,15 @@ def test_variance_convention_fused_and_non_fused():
         (x4, {"fused": True, "moving_variance_estimator": "biased"}, 1.25),
     ]
     for x, kwargs, expected in cases:
-        _, _, variance = _train_in_graph([x], momentum=0.0, moving_variance_initializer=zeros, **kwargs)
+        _, _, variance = _train_in_graph(
+            [x], momentum=0.0, moving_variance_initializer=zeros, **kwargs
+        )
         np.testing.assert_allclose(variance, [expected], rtol=1e-6)
 
 
 def test_fused_true_where_tf1_could_not_fuse_raises():
-    with tf.Graph().as_default():
-        with pytest.raises(ValueError, match="fused=True"):
-            tfbn_v1.batch_normalization(tf.zeros([4, 3]), fused=True)
+    with tf.Graph().as_default(), pytest.raises(ValueError, match="fused=True"):
+        tfbn_v1.batch_normalization(tf.zeros([4, 3]), fused=True)
 
 
 def test_fused_path_raises_epsilon_to_tf1_floor():
@@ -130,7 +141,10 @@ def test_placeholder_training_flag():
         x = tf.compat.v1.placeholder(tf.float32, [None, 3])
         training = tf.compat.v1.placeholder(tf.bool, [])
         y = tfbn_v1.batch_normalization(
-            x, training=training, momentum=0.9, moving_mean_initializer=tf.compat.v1.constant_initializer(0.5)
+            x,
+            training=training,
+            momentum=0.9,
+            moving_mean_initializer=tf.compat.v1.constant_initializer(0.5),
         )
         updates = tf.compat.v1.get_collection(UPDATE_OPS)
         variables = _variables("batch_normalization")
@@ -144,14 +158,24 @@ def test_placeholder_training_flag():
     for old, new in zip(before, after_false):
         assert np.array_equal(old, new)
     np.testing.assert_allclose(
-        eval_y, reference.batch_norm_inference(x_value, np.ones(3), np.zeros(3), np.full(3, 0.5), np.ones(3), [-1], 1e-3), atol=1e-6
+        eval_y,
+        reference.batch_norm_inference(
+            x_value, np.ones(3), np.zeros(3), np.full(3, 0.5), np.ones(3), [-1], 1e-3
+        ),
+        atol=1e-6,
     )
-    np.testing.assert_allclose(train_y, reference.batch_norm_train(x_value, np.ones(3), np.zeros(3), [-1], 1e-3)[0], atol=1e-5)
+    np.testing.assert_allclose(
+        train_y,
+        reference.batch_norm_train(x_value, np.ones(3), np.zeros(3), [-1], 1e-3)[0],
+        atol=1e-5,
+    )
     np.testing.assert_allclose(after_true[0], 0.9 * 0.5 + 0.1 * x_value.mean(0), rtol=1e-6)
     np.testing.assert_allclose(after_true[1], 0.9 + 0.1 * x_value.var(0), rtol=1e-6)
 
 
-@pytest.mark.parametrize("flag, same_as", [(1, True), (0, False), (np.bool_(True), True), (tf.constant(False), False)])
+@pytest.mark.parametrize(
+    "flag, same_as", [(1, True), (0, False), (np.bool_(True), True), (tf.constant(False), False)]
+)
 def test_training_flag_spellings_match_bool(flag, same_as):
     x_value = _data((4, 2))
 
@@ -169,9 +193,8 @@ def test_training_flag_spellings_match_bool(flag, same_as):
 
 @pytest.mark.parametrize("flag", [2, "True", 0.0])
 def test_training_flag_misspellings_raise(flag):
-    with tf.Graph().as_default():
-        with pytest.raises(TypeError, match="training"):
-            tfbn_v1.batch_normalization(tf.zeros([2, 2]), training=flag)
+    with tf.Graph().as_default(), pytest.raises(TypeError, match="training"):
+        tfbn_v1.batch_normalization(tf.zeros([2, 2]), training=flag)
 
 
 def test_reuse_shares_variables_and_updates_once_per_call():
@@ -233,7 +256,9 @@ def test_adjustment_gets_the_ghost_batch_view_as_in_tf_layers():
         return tf.constant(adjust_scale), tf.constant(adjust_bias)
 
     gamma_init = tf.compat.v1.constant_initializer(1.5)
-    outputs, _, _ = _train_in_graph([x], virtual_batch_size=ghost, adjustment=adjustment, gamma_initializer=gamma_init)
+    outputs, _, _ = _train_in_graph(
+        [x], virtual_batch_size=ghost, adjustment=adjustment, gamma_initializer=gamma_init
+    )
     assert len(seen_shapes) == 1 and seen_shapes[0].shape.as_list() == [3]
     view = x.reshape(ghost, per_ghost, 3).astype(np.float64)
     x_hat = (view - view.mean(0)) / np.sqrt(view.var(0) + 1e-3)
@@ -322,9 +347,15 @@ def test_wrap_function_runs_updates():
             return tf.identity(y)
 
     wrapped = tf.compat.v1.wrap_function(step, [tf.TensorSpec([4, 3], tf.float32)])
-    mean_variable = wrapped.variables[[v.name for v in wrapped.variables].index("wrapped/moving_mean:0")]
+    mean_variable = wrapped.variables[
+        [v.name for v in wrapped.variables].index("wrapped/moving_mean:0")
+    ]
     output = wrapped(tf.constant(x_value))
-    np.testing.assert_allclose(output.numpy(), reference.batch_norm_train(x_value, np.ones(3), np.zeros(3), [-1], 1e-3)[0], atol=1e-5)
+    np.testing.assert_allclose(
+        output.numpy(),
+        reference.batch_norm_train(x_value, np.ones(3), np.zeros(3), [-1], 1e-3)[0],
+        atol=1e-5,
+    )
     np.testing.assert_allclose(mean_variable.numpy(), 0.5 * x_value.mean(0), rtol=1e-6)
     wrapped(tf.constant(x_value))
     np.testing.assert_allclose(mean_variable.numpy(), 0.75 * x_value.mean(0), rtol=1e-6)

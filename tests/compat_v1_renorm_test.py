@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import tensorflow as tf
+from harness import forward_backward
 
 import tfbn
-from harness import forward_backward
 from tfbn.compat import v1 as tfbn_v1
 
 UPDATE_OPS = tf.compat.v1.GraphKeys.UPDATE_OPS
@@ -26,19 +26,32 @@ def _short_names(variables):
 
 def _layers_style(x, training):
     return tfbn_v1.batch_normalization(
-        x, training=training, momentum=0.9, epsilon=1e-3, renorm=True,
-        renorm_clipping=CLIPPING, renorm_momentum=0.8,
+        x,
+        training=training,
+        momentum=0.9,
+        epsilon=1e-3,
+        renorm=True,
+        renorm_clipping=CLIPPING,
+        renorm_momentum=0.8,
     )
 
 
 def _contrib_style(x, training):
     return tfbn_v1.batch_norm(
-        x, is_training=training, decay=0.9, epsilon=1e-3, scale=True, renorm=True,
-        renorm_clipping=CLIPPING, renorm_decay=0.8,
+        x,
+        is_training=training,
+        decay=0.9,
+        epsilon=1e-3,
+        scale=True,
+        renorm=True,
+        renorm_clipping=CLIPPING,
+        renorm_decay=0.8,
     )
 
 
-@pytest.mark.parametrize("build, placeholder_flag", [(_layers_style, False), (_contrib_style, True)])
+@pytest.mark.parametrize(
+    "build, placeholder_flag", [(_layers_style, False), (_contrib_style, True)]
+)
 def test_matches_tf2_renorm_layer_over_five_steps(build, placeholder_flag):
     shape = (6, 2, 2, 3)
     batches = [_data(shape, seed) for seed in range(STEPS)]
@@ -56,7 +69,9 @@ def test_matches_tf2_renorm_layer_over_five_steps(build, placeholder_flag):
             session.run(tf.compat.v1.global_variables_initializer())
             # Output, gradients and updates in one run: the forward must read
             # the renorm statistics before the updates write them.
-            steps = [session.run([y, gradients, updates], {**feed, x: batch})[:2] for batch in batches]
+            steps = [
+                session.run([y, gradients, updates], {**feed, x: batch})[:2] for batch in batches
+            ]
             stored = {name: session.run(variables[name]) for name in LAYOUT[2:]}
     layer = tfbn.BatchNormalization(
         momentum=0.9, epsilon=1e-3, renorm=True, renorm_clipping=CLIPPING, renorm_momentum=0.8
@@ -85,7 +100,10 @@ def test_matches_numpy_reference():
     moving_mean, moving_stddev = np.zeros(3), np.ones(3)
     renorm_mean, renorm_stddev = np.zeros(3), np.ones(3)
     for batch, got in zip(batches, outputs):
-        mean, stddev = batch.mean(0, dtype=np.float64), np.sqrt(batch.var(0, dtype=np.float64) + eps)
+        mean, stddev = (
+            batch.mean(0, dtype=np.float64),
+            np.sqrt(batch.var(0, dtype=np.float64) + eps),
+        )
         floor = np.maximum(renorm_stddev, np.sqrt(eps))
         r = np.clip(stddev / floor, CLIPPING["rmin"], CLIPPING["rmax"])
         d = np.clip((mean - renorm_mean) / floor, -CLIPPING["dmax"], CLIPPING["dmax"])
@@ -109,21 +127,31 @@ def test_variable_layout_collections_and_update_ops():
     with tf.Graph().as_default():
         x = tf.zeros([4, 3])
         tfbn_v1.batch_normalization(
-            x, training=True, renorm=True, name="layers",
+            x,
+            training=True,
+            renorm=True,
+            name="layers",
             moving_variance_initializer=tf.compat.v1.constant_initializer(4.0),
         )
-        tfbn_v1.batch_norm(x, scale=True, renorm=True, scope="contrib", variables_collections=["extra"])
+        tfbn_v1.batch_norm(
+            x, scale=True, renorm=True, scope="contrib", variables_collections=["extra"]
+        )
         layers_variables = tf.compat.v1.global_variables("layers")
         contrib_variables = tf.compat.v1.global_variables("contrib")
         assert [v.op.name for v in layers_variables] == [f"layers/{n}" for n in LAYOUT]
         assert [v.op.name for v in contrib_variables] == [f"contrib/{n}" for n in LAYOUT]
         assert [v.op.name for v in tf.compat.v1.trainable_variables()] == [
-            "layers/gamma", "layers/beta", "contrib/gamma", "contrib/beta"
+            "layers/gamma",
+            "layers/beta",
+            "contrib/gamma",
+            "contrib/beta",
         ]
         assert tf.compat.v1.model_variables() == contrib_variables
         assert tf.compat.v1.get_collection("extra") == contrib_variables
         updates = [op.name for op in tf.compat.v1.get_collection(UPDATE_OPS, "layers")]
-        assert updates == ["layers/AssignMovingAvg"] + [f"layers/AssignMovingAvg_{i}" for i in range(1, 5)]
+        assert updates == ["layers/AssignMovingAvg"] + [
+            f"layers/AssignMovingAvg_{i}" for i in range(1, 5)
+        ]
         with tf.compat.v1.Session() as session:
             session.run(tf.compat.v1.global_variables_initializer())
             initial = session.run(_short_names(layers_variables))
@@ -158,6 +186,5 @@ def test_fed_false_leaves_renorm_statistics_bit_identical_and_infers():
 
 
 def test_fused_true_with_renorm_raises_as_tf1():
-    with tf.Graph().as_default():
-        with pytest.raises(ValueError, match="renorm"):
-            tfbn_v1.batch_normalization(tf.zeros([2, 2, 2, 3]), renorm=True, fused=True)
+    with tf.Graph().as_default(), pytest.raises(ValueError, match="renorm"):
+        tfbn_v1.batch_normalization(tf.zeros([2, 2, 2, 3]), renorm=True, fused=True)

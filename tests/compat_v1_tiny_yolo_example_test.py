@@ -36,7 +36,9 @@ def _fine_tune(example, prefix, wiring):
         session.run(tf.compat.v1.global_variables_initializer())
         model.backbone_saver.restore(session, prefix)
         head_mean = tf.compat.v1.global_variables(example.HEAD + "/conv1/BatchNorm/moving_mean")[0]
-        head_variance = tf.compat.v1.global_variables(example.HEAD + "/conv1/BatchNorm/moving_variance")[0]
+        head_variance = tf.compat.v1.global_variables(
+            example.HEAD + "/conv1/BatchNorm/moving_variance"
+        )[0]
         want_mean = session.run(head_mean).astype(np.float64)
         want_variance = session.run(head_variance).astype(np.float64)
         decay = example.BATCH_NORM_DECAY
@@ -46,7 +48,9 @@ def _fine_tune(example, prefix, wiring):
             session.run(model.train_op, feed)
             want_mean = decay * want_mean + (1 - decay) * bn_input.mean(axis=(0, 1, 2))
             # 4D input, TF1's fused path: the stored variance is Bessel-corrected.
-            want_variance = decay * want_variance + (1 - decay) * bn_input.var(axis=(0, 1, 2), ddof=1)
+            want_variance = decay * want_variance + (1 - decay) * bn_input.var(
+                axis=(0, 1, 2), ddof=1
+            )
         values = {v.op.name: session.run(v) for v in tf.compat.v1.global_variables("tiny_yolo")}
         eval_feed = {**feed, model.is_training: False}
         bn_input, bn_output = session.run(
@@ -78,7 +82,9 @@ def test_scoped_wiring_keeps_backbone_and_updates_head_by_the_ema(example, check
         assert np.array_equal(value, saved[name]), name
     head = example.HEAD + "/conv1/BatchNorm/"
     np.testing.assert_allclose(values[head + "moving_mean"], want_mean, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(values[head + "moving_variance"], want_variance, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        values[head + "moving_variance"], want_variance, rtol=1e-5, atol=1e-6
+    )
     model = example.build_training_graph("scoped")
     found = tfbn_v1.check_update_dependencies(model.train_op, scope=example.HEAD)
     assert sorted(op.name for op in found) == [head + "AssignMovingAvg", head + "AssignMovingAvg_1"]

@@ -13,7 +13,9 @@ def _model(scope, x):
     """Two BN layers with a dense kernel between them."""
     with tf.compat.v1.variable_scope(scope):
         y = tfbn_v1.batch_norm(x, scale=True, decay=0.5, scope="bn1")
-        kernel = tf.compat.v1.get_variable("kernel", [3, 3], initializer=tf.compat.v1.ones_initializer())
+        kernel = tf.compat.v1.get_variable(
+            "kernel", [3, 3], initializer=tf.compat.v1.ones_initializer()
+        )
         y = tfbn_v1.batch_norm(tf.matmul(y, kernel), decay=0.5, scope="bn2")
     return tf.reduce_mean(tf.square(y))
 
@@ -22,7 +24,9 @@ def test_train_op_of_one_model_carries_exactly_its_update_ops():
     with tf.Graph().as_default():
         x = tf.constant(np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32))
         with pytest.raises(ValueError, match="no BN update ops found in scope 'a'"):
-            tfbn_v1.minimize_with_updates(tf.compat.v1.train.GradientDescentOptimizer(0.1), tf.reduce_sum(x), update_scope="a")
+            tfbn_v1.minimize_with_updates(
+                tf.compat.v1.train.GradientDescentOptimizer(0.1), tf.reduce_sum(x), update_scope="a"
+            )
         loss_a = _model("a", x)
         train_a = tfbn_v1.minimize_with_updates(
             tf.compat.v1.train.GradientDescentOptimizer(0.1), loss_a, var_list="a", update_scope="a"
@@ -73,10 +77,14 @@ def test_var_list_scope_global_step_and_errors():
         with pytest.raises(TypeError, match="tf.compat.v1.train.Optimizer"):
             tfbn_v1.minimize_with_updates(object(), loss)
         global_step = tf.compat.v1.train.get_or_create_global_step()
-        train_op = tfbn_v1.minimize_with_updates(optimizer, loss, var_list=["m/bn2"], global_step=global_step)
+        train_op = tfbn_v1.minimize_with_updates(
+            optimizer, loss, var_list=["m/bn2"], global_step=global_step
+        )
         with tf.compat.v1.Session() as session:
             session.run(tf.compat.v1.global_variables_initializer())
-            frozen = tf.compat.v1.trainable_variables("m/bn1") + tf.compat.v1.trainable_variables("m/kernel")
+            frozen = tf.compat.v1.trainable_variables("m/bn1") + tf.compat.v1.trainable_variables(
+                "m/kernel"
+            )
             before = session.run(frozen)
             session.run(train_op)
             for old, new in zip(before, session.run(frozen)):
@@ -94,7 +102,9 @@ def test_batch_norm_inside_cond_branch():
         x = tf.ones([4, 2]) * tf.range(4.0)[:, None]
         flag = tf.compat.v1.placeholder(tf.bool, [])
         y = tf.compat.v1.cond(
-            flag, lambda: tfbn_v1.batch_norm(x, decay=0.5, updates_collections=None, scope="bn"), lambda: x
+            flag,
+            lambda: tfbn_v1.batch_norm(x, decay=0.5, updates_collections=None, scope="bn"),
+            lambda: x,
         )
         mean = tf.compat.v1.global_variables("bn/moving_mean")[0]
         with tf.compat.v1.Session() as session:

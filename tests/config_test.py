@@ -2,7 +2,7 @@
 
 import pytest
 
-from tfbn.config import TrainConfig
+from tfbn.finetune.config import TrainConfig
 
 
 def test_defaults_are_valid():
@@ -51,7 +51,9 @@ def test_config_is_frozen():
 
 
 def test_to_flagfile_lists_repeated_and_boolean_flags():
-    text = TrainConfig(model_dir="/tmp/run", update_part=("head/", "neck/"), export=False).to_flagfile()
+    text = TrainConfig(
+        model_dir="/tmp/run", update_part=("head/", "neck/"), export=False
+    ).to_flagfile()
     lines = text.splitlines()
     assert "--update_part=head/" in lines and "--update_part=neck/" in lines
     assert "--noexport" in lines and "--nodry_run" in lines

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import tfbn
-from tfbn.conversion import convert_batch_norm, load_torch_batch_norm_state
+from tfbn.tools.conversion import convert_batch_norm, load_torch_batch_norm_state
 
 L = keras.layers
 

@@ -36,7 +36,7 @@ def test_source_and_target_share_labels_but_not_input_statistics(source):
     # Covariate shift: per-channel means move by far more than sampling noise.
     shift = np.abs(source.images.mean((0, 1, 2)) - target.images.mean((0, 1, 2)))
     assert np.all(shift > 0.05)
-    assert 0.0 <= source.images.min() and source.images.max() <= 1.0
+    assert source.images.min() >= 0.0 and source.images.max() <= 1.0
 
 
 def test_batch_of_a_step_depends_only_on_seed_and_step(source):

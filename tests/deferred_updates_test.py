@@ -67,10 +67,9 @@ def test_leaving_with_pending_updates_raises_and_names_them():
 
 def test_an_error_inside_the_block_is_not_masked():
     model = _two_part_model()
-    with pytest.raises(ZeroDivisionError):
-        with tfbn.deferred_updates():
-            model(_data(), training=True)
-            1 / 0
+    with pytest.raises(ZeroDivisionError), tfbn.deferred_updates():
+        model(_data(), training=True)
+        1 / 0
 
 
 def test_pattern_matching_nothing_raises_with_known_paths():
@@ -131,3 +130,26 @@ def test_collectors_nest_and_the_innermost_records():
             layer(_data(), training=True)
             inner.discard()
         assert outer.pending == ()
+
+
+def test_apply_and_discard_select_by_layer_object():
+    first = tfbn.BatchNormalization(momentum=0.0, name="bn")
+    second = tfbn.BatchNormalization(momentum=0.0, name="bn_1")
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    with tfbn.deferred_updates() as updates:
+        first(x, training=True)
+        second(x, training=True)
+        updates.apply(layers=[second])
+        assert [update.layer for update in updates.pending] == [first]
+        updates.discard(layers=[first])
+    np.testing.assert_allclose(second.moving_mean.numpy(), x.mean(axis=0))
+    np.testing.assert_array_equal(first.moving_mean.numpy(), np.zeros(3, np.float32))
+
+
+def test_layers_argument_rejects_a_string():
+    layer = tfbn.BatchNormalization()
+    with tfbn.deferred_updates() as updates:
+        layer(np.ones((2, 3), np.float32), training=True)
+        with pytest.raises(TypeError, match="layers"):
+            updates.apply(layers="bn")
+        updates.discard()

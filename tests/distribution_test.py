@@ -17,11 +17,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from trainer_test import DATA_DIR, MOMENTUM, REPO, loss_of, small_model, smoke_config
 
 import tfbn
 from tfbn.finetune import checkpoint as checkpoint_lib
-from tfbn.finetune import distribution, scopes, trainer
-from trainer_test import DATA_DIR, MOMENTUM, REPO, loss_of, small_model, smoke_config
+from tfbn.finetune import distribution, trainer, update_plan
 
 # Default vs two replicas: the same arithmetic in another order (sums of
 # per-replica gradients and statistics), so float32 rounding differs.
@@ -63,7 +63,10 @@ def test_make_strategy_default_and_errors(monkeypatch):
     monkeypatch.setenv("TF_CONFIG", "{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         distribution.make_strategy("multi_worker")
-    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["a:1"]}, "task": {"type": "ps", "index": 0}}))
+    monkeypatch.setenv(
+        "TF_CONFIG",
+        json.dumps({"cluster": {"worker": ["a:1"]}, "task": {"type": "ps", "index": 0}}),
+    )
     with pytest.raises(ValueError, match="'ps' is not in the cluster"):
         distribution.make_strategy("multi_worker")
 
@@ -84,7 +87,10 @@ def test_chief_rule(task_type, task_id, cluster, chief):
 
 def test_checkpoint_dir_of_chief_and_other_workers():
     assert distribution.WorkerRole(True, "worker", 0).checkpoint_dir("/runs/a") == "/runs/a"
-    assert distribution.WorkerRole(False, "worker", 1).checkpoint_dir("/runs/a") == "/runs/a/workertemp_worker_1"
+    assert (
+        distribution.WorkerRole(False, "worker", 1).checkpoint_dir("/runs/a")
+        == "/runs/a/workertemp_worker_1"
+    )
     assert distribution.worker_role(tf.distribute.get_strategy()).is_chief
 
 
@@ -101,7 +107,10 @@ def test_synchronize_batch_norm_sets_every_bn_layer():
     stock = small_model(keras.layers.BatchNormalization)
     assert distribution.synchronize_batch_norm(model) == 2
     assert distribution.synchronize_batch_norm(stock) == 1
-    assert all(layer.synchronized for layer in scopes.batch_norm_layers(model) + scopes.batch_norm_layers(stock))
+    assert all(
+        layer.synchronized
+        for layer in update_plan.batch_norm_layers(model) + update_plan.batch_norm_layers(stock)
+    )
     inputs = keras.Input((4,))
     virtual = keras.Model(inputs, tfbn.BatchNormalization(virtual_batch_size=2, name="vbn")(inputs))
     with pytest.raises(ValueError, match="vbn.*virtual_batch_size"):
@@ -114,7 +123,9 @@ def test_synchronize_batch_norm_sets_every_bn_layer():
 def shifted_shards():
     """8 examples whose two replica shards come from different distributions."""
     rng = np.random.default_rng(5)
-    x = np.concatenate([rng.normal(0.0, 1.0, (4, 6)), rng.normal(4.0, 2.0, (4, 6))]).astype(np.float32)
+    x = np.concatenate([rng.normal(0.0, 1.0, (4, 6)), rng.normal(4.0, 2.0, (4, 6))]).astype(
+        np.float32
+    )
     return x, np.array([0, 1, 2, 0, 1, 2, 0, 1], np.int32)
 
 
@@ -123,7 +134,7 @@ def mirrored_step(strategy, bn_type, update_part=(), mode="inference", head_bn=F
         model = small_model(bn_type, head_bn=head_bn)
         if sync:
             distribution.synchronize_batch_norm(model)
-        plan = scopes.plan_update(model, update_part, frozen_bn_mode=mode)
+        plan = update_plan.plan_update(model, update_part, frozen_bn_mode=mode)
         optimizer = keras.optimizers.SGD(0.1)
         optimizer.build(list(plan.update_variables))
         step_var = tf.Variable(0, dtype=tf.int64)
@@ -151,7 +162,9 @@ def test_replica_step_statistics_and_loss(two_cpu_strategy, bn_type, sync):
     else:
         # Local statistics: each replica normalizes its own shard; the
         # moving statistics take the mean of the two replicas' updates.
-        expected_loss = (loss_of(model, x[:4], y[:4], True) + loss_of(model, x[4:], y[4:], True)) / 2
+        expected_loss = (
+            loss_of(model, x[:4], y[:4], True) + loss_of(model, x[4:], y[4:], True)
+        ) / 2
         batch_mean = (h[:4].mean(0) + h[4:].mean(0)) / 2
         batch_var = (h[:4].var(0) + h[4:].var(0)) / 2
     bn.moving_mean.assign(np.zeros(4, np.float32))  # a stock layer updated itself in loss_of
@@ -159,8 +172,10 @@ def test_replica_step_statistics_and_loss(two_cpu_strategy, bn_type, sync):
     out = run(x, y)
     assert bool(out["applied"])
     np.testing.assert_allclose(float(out["loss"]), expected_loss, rtol=1e-5)
-    for variable, expected in ((bn.moving_mean, (1 - MOMENTUM) * batch_mean),
-                               (bn.moving_variance, MOMENTUM + (1 - MOMENTUM) * batch_var)):
+    for variable, expected in (
+        (bn.moving_mean, (1 - MOMENTUM) * batch_mean),
+        (bn.moving_variance, MOMENTUM + (1 - MOMENTUM) * batch_var),
+    ):
         for value in replica_values(variable):
             np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-6)
     assert_replicas_identical(model)
@@ -168,7 +183,9 @@ def test_replica_step_statistics_and_loss(two_cpu_strategy, bn_type, sync):
 
 @pytest.mark.parametrize("bn_type", [tfbn.BatchNormalization, keras.layers.BatchNormalization])
 def test_non_finite_on_one_replica_skips_on_all(two_cpu_strategy, bn_type):
-    model, run, skipped = mirrored_step(two_cpu_strategy, bn_type, ("head/",), "adapt", head_bn=True)
+    model, run, skipped = mirrored_step(
+        two_cpu_strategy, bn_type, ("head/",), "adapt", head_bn=True
+    )
     x, y = shifted_shards()
     before = [replica_values(v) for v in model.variables]
     bad = x.copy()
@@ -176,7 +193,9 @@ def test_non_finite_on_one_replica_skips_on_all(two_cpu_strategy, bn_type):
     out = run(bad, y)
     assert not bool(out["applied"]) and int(skipped.numpy()) == 1
     for variable, old in zip(model.variables, before):
-        assert all(np.array_equal(a, b) for a, b in zip(replica_values(variable), old)), variable.path
+        assert all(np.array_equal(a, b) for a, b in zip(replica_values(variable), old)), (
+            variable.path
+        )
     assert bool(run(x, y)["applied"]) and int(skipped.numpy()) == 1
     assert not np.array_equal(replica_values(model.get_layer("bn2").moving_mean)[0], before[-6][0])
     assert_replicas_identical(model)
@@ -194,7 +213,8 @@ def default_run(tmp_path_factory):
 def test_mirrored_sync_bn_matches_default(default_run, two_cpu_strategy, tmp_path):
     _, single = default_run
     mirrored = trainer.train(
-        smoke_config(str(tmp_path), "--train_steps=4", "--sync_bn", "--strategy=mirrored"), two_cpu_strategy
+        smoke_config(str(tmp_path), "--train_steps=4", "--sync_bn", "--strategy=mirrored"),
+        two_cpu_strategy,
     )
     assert mirrored.global_step == 4 and mirrored.skipped_steps == 0
     assert_replicas_identical(mirrored.model)
@@ -204,16 +224,32 @@ def test_mirrored_sync_bn_matches_default(default_run, two_cpu_strategy, tmp_pat
     assert {"bn_report.json", "metrics.jsonl", "flags.txt"} <= set(os.listdir(tmp_path))
 
 
-def test_mirrored_partial_finetune_keeps_frozen_backbone_bit_identical(default_run, two_cpu_strategy, tmp_path):
+def test_mirrored_partial_finetune_keeps_frozen_backbone_bit_identical(
+    default_run, two_cpu_strategy, tmp_path
+):
     pre_dir, _ = default_run
     saved = checkpoint_lib.read_model_variables(pre_dir)
-    result = trainer.train(smoke_config(
-        str(tmp_path), "--dataset=tfbn_shapes/target", f"--init_checkpoint={pre_dir}", "--restore_part=backbone/",
-        "--update_part=head/", "--train_steps=3", "--strategy=mirrored", "--sync_bn"), two_cpu_strategy)
+    result = trainer.train(
+        smoke_config(
+            str(tmp_path),
+            "--dataset=tfbn_shapes/target",
+            f"--init_checkpoint={pre_dir}",
+            "--restore_part=backbone/",
+            "--update_part=head/",
+            "--train_steps=3",
+            "--strategy=mirrored",
+            "--sync_bn",
+        ),
+        two_cpu_strategy,
+    )
     for variable in result.model.variables:
         if variable.path.startswith("backbone/"):
-            assert all(np.array_equal(v, saved[variable.path]) for v in replica_values(variable)), variable.path
-    assert not np.array_equal(result.model.get_layer("fc_bn").moving_mean.numpy(), saved["head/fc_bn/moving_mean"])
+            assert all(np.array_equal(v, saved[variable.path]) for v in replica_values(variable)), (
+                variable.path
+            )
+    assert not np.array_equal(
+        result.model.get_layer("fc_bn").moving_mean.numpy(), saved["head/fc_bn/moving_mean"]
+    )
     assert json.load(open(tmp_path / "bn_report.json"))["frozen_statistics_bit_identical"]
     assert_replicas_identical(result.model)
 
@@ -229,20 +265,35 @@ def start_workers(model_dir, ports, train_steps, log_dir):
     cluster = {"worker": [f"localhost:{port}" for port in ports]}
     processes = []
     for index in range(len(ports)):
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
-                   TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
-        command = [sys.executable, os.path.join(REPO, "train.py"), f"--flagfile={REPO}/configs/smoke.flags",
-                   f"--model_dir={model_dir}", f"--data_dir={DATA_DIR}", "--strategy=multi_worker", "--sync_bn",
-                   f"--train_steps={train_steps}", "--checkpoint_interval=2"]
+        env = dict(
+            os.environ,
+            TF_CPP_MIN_LOG_LEVEL="2",
+            TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
+        )
+        command = [
+            sys.executable,
+            os.path.join(REPO, "train.py"),
+            f"--flagfile={REPO}/configs/smoke.flags",
+            f"--model_dir={model_dir}",
+            f"--data_dir={DATA_DIR}",
+            "--strategy=multi_worker",
+            "--sync_bn",
+            f"--train_steps={train_steps}",
+            "--checkpoint_interval=2",
+        ]
         log = open(os.path.join(log_dir, f"worker{index}.log"), "ab")
-        processes.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+        processes.append(
+            subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        )
         log.close()
     return processes
 
 
 def log_tail(log_dir):
-    return "\n".join(open(os.path.join(log_dir, name), errors="replace").read()[-1500:]
-                     for name in sorted(os.listdir(log_dir)))
+    return "\n".join(
+        open(os.path.join(log_dir, name), errors="replace").read()[-1500:]
+        for name in sorted(os.listdir(log_dir))
+    )
 
 
 def stop(processes):
@@ -279,9 +330,21 @@ def test_multi_worker_resumes_after_a_kill_and_matches_mirrored(two_cpu_strategy
         stop(processes)
     assert tf.train.latest_checkpoint(model_dir).endswith(f"-{total}")
     assert sorted(name for name in os.listdir(model_dir) if name.startswith("workertemp")) == []
-    assert json.load(open(os.path.join(model_dir, "bn_report.json")))["frozen_statistics_bit_identical"]
-    mirrored = trainer.train(smoke_config(str(tmp_path / "mirrored"), f"--train_steps={total}", "--sync_bn",
-                                          "--strategy=mirrored", "--checkpoint_interval=2"), two_cpu_strategy)
+    assert json.load(open(os.path.join(model_dir, "bn_report.json")))[
+        "frozen_statistics_bit_identical"
+    ]
+    mirrored = trainer.train(
+        smoke_config(
+            str(tmp_path / "mirrored"),
+            f"--train_steps={total}",
+            "--sync_bn",
+            "--strategy=mirrored",
+            "--checkpoint_interval=2",
+        ),
+        two_cpu_strategy,
+    )
     saved = checkpoint_lib.read_model_variables(model_dir)
     for variable in mirrored.model.variables:
-        np.testing.assert_allclose(saved[variable.path], variable.numpy(), atol=ATOL, rtol=RTOL, err_msg=variable.path)
+        np.testing.assert_allclose(
+            saved[variable.path], variable.numpy(), atol=ATOL, rtol=RTOL, err_msg=variable.path
+        )

@@ -11,7 +11,13 @@ from tfbn.experiments import common, small_batch
 
 
 def _config(tmp_path, data_dir, **overrides):
-    values = dict(output_dir=str(tmp_path), scale=0.01, image_size=8, data_dir=data_dir, progress=False)
+    values = {
+        "output_dir": str(tmp_path),
+        "scale": 0.01,
+        "image_size": 8,
+        "data_dir": data_dir,
+        "progress": False,
+    }
     values.update(overrides)
     return experiments.ExperimentConfig(**values)
 
@@ -40,7 +46,9 @@ def test_each_experiment_writes_csv_markdown_and_plots(name, tmp_path, tfds_data
 def test_without_matplotlib_csv_and_markdown_are_still_written(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "_draw_plots", lambda plots, output_dir: [])
     result = common.ExperimentResult(
-        "demo", [{"step": 1, "accuracy": 0.5}, {"step": 2, "accuracy": 0.75}], "Summary.",
+        "demo",
+        [{"step": 1, "accuracy": 0.5}, {"step": 2, "accuracy": 0.75}],
+        "Summary.",
         [common.Plot("demo.png", "t", "x", "y", {"a": ([1, 2], [0.5, 0.75])})],
     )
     paths = common.write_result(result, str(tmp_path))
@@ -66,17 +74,25 @@ def test_convergence_is_seeded_and_reproducible(tmp_path, tfds_data_dir):
     second = run(_config(tmp_path / "b", tfds_data_dir))
     for a, b in zip(first.rows, second.rows):
         assert a.keys() == b.keys()
-        assert np.allclose([a[k] for k in a if k != "model"], [b[k] for k in b if k != "model"],
-                           equal_nan=True)
+        assert np.allclose(
+            [a[k] for k in a if k != "model"], [b[k] for k in b if k != "model"], equal_nan=True
+        )
 
 
 def test_finetune_shift_keeps_inference_mode_backbone_frozen(tmp_path, tfds_data_dir):
-    paths = experiments.run_experiment("finetune_shift", _config(tmp_path, tfds_data_dir, image_size=16))
+    paths = experiments.run_experiment(
+        "finetune_shift", _config(tmp_path, tfds_data_dir, image_size=16)
+    )
     assert any(p.endswith("finetune_shift.png") for p in paths)
     with open(tmp_path / "finetune_shift.csv") as handle:
         rows = {row["variant"]: row for row in csv.DictReader(handle)}
-    assert list(rows) == ["pretrained, no fine-tune", "inference", "batch", "adapt",
-                          "recompute, then inference"]
+    assert list(rows) == [
+        "pretrained, no fine-tune",
+        "inference",
+        "batch",
+        "adapt",
+        "recompute, then inference",
+    ]
     # Frozen statistics stay bit-identical in inference and batch mode; adapt
     # and the recomputation move them towards the target domain.
     assert float(rows["inference"]["backbone_stat_drift"]) == 0.0

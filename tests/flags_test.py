@@ -5,8 +5,8 @@ import os
 import pytest
 from absl import flags
 
-from tfbn import flags as tfbn_flags
-from tfbn.config import TrainConfig
+from tfbn.finetune import flags as tfbn_flags
+from tfbn.finetune.config import TrainConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,8 +19,14 @@ def parse(*argv):
 
 
 def test_flags_build_the_typed_config():
-    config = parse("--model_dir=/tmp/r", "--update_part=head/", "--update_part=neck/",
-                   "--frozen_bn_mode=batch", "--bn_momentum=0.9", "--batch_size=8")
+    config = parse(
+        "--model_dir=/tmp/r",
+        "--update_part=head/",
+        "--update_part=neck/",
+        "--frozen_bn_mode=batch",
+        "--bn_momentum=0.9",
+        "--batch_size=8",
+    )
     assert isinstance(config, TrainConfig)
     assert config.update_part == ("head/", "neck/")
     assert (config.frozen_bn_mode, config.bn_momentum, config.batch_size) == ("batch", 0.9, 8)
@@ -49,7 +55,10 @@ def test_validators_reject_bad_values_naming_the_flag(argv, flag):
 def test_distribution_flags():
     config = parse("--model_dir=/tmp/r", "--strategy=mirrored", "--num_cpu_devices=2", "--sync_bn")
     assert (config.strategy, config.num_cpu_devices, config.sync_bn) == ("mirrored", 2, True)
-    assert (parse("--model_dir=/tmp/r").strategy, parse("--model_dir=/tmp/r").sync_bn) == ("default", False)
+    assert (parse("--model_dir=/tmp/r").strategy, parse("--model_dir=/tmp/r").sync_bn) == (
+        "default",
+        False,
+    )
 
 
 def test_model_dir_is_required():
@@ -68,15 +77,24 @@ def test_configs_parse_and_start_with_their_command(name):
 
 
 def test_finetune_config_trains_only_the_head():
-    config = parse(f"--flagfile={REPO}/configs/finetune_head.flags", "--model_dir=/tmp/r",
-                   "--init_checkpoint=/tmp/pre")
+    config = parse(
+        f"--flagfile={REPO}/configs/finetune_head.flags",
+        "--model_dir=/tmp/r",
+        "--init_checkpoint=/tmp/pre",
+    )
     assert config.update_part == ("head/",) and config.restore_part == ("backbone/",)
     assert config.dataset == "tfbn_shapes/target" and config.frozen_bn_mode == "inference"
 
 
 def test_flagfile_written_by_a_run_parses_back_to_the_same_config(tmp_path):
-    config = parse("--model_dir=/tmp/r", "--update_part=head/", "--init_checkpoint=/tmp/p",
-                   "--restore_part=backbone/", "--noexport", "--eval_split=test")
+    config = parse(
+        "--model_dir=/tmp/r",
+        "--update_part=head/",
+        "--init_checkpoint=/tmp/p",
+        "--restore_part=backbone/",
+        "--noexport",
+        "--eval_split=test",
+    )
     path = tmp_path / "flags.txt"
     path.write_text(config.to_flagfile())
     assert parse(f"--flagfile={path}") == config

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import tfbn
-from tfbn.folding import ChannelAffine, fold_batch_norm
+from tfbn.tools.folding import ChannelAffine, fold_batch_norm
 
 L = keras.layers
 

@@ -7,12 +7,12 @@ statistics and ~1e-5 on gradients (which subtract nearly equal sums).
 
 import numpy as np
 import pytest
-import tensorflow as tf
-
 import reference
-import tfbn
+import tensorflow as tf
 from harness import forward_backward
-from tfbn import fused
+
+import tfbn
+from tfbn.nn import fused
 
 RNG = np.random.default_rng(99)
 
@@ -54,7 +54,10 @@ def test_fused_and_general_paths_agree_with_numpy(shape, axis, jit_compile):
     for fused_flag in (True, False):
         layer = _layer(fused_flag, axis=axis)
         _initialize(layer, shape, channels)
-        results.append(forward_backward(layer, x, dy, jit_compile) + [layer.moving_mean.numpy(), layer.moving_variance.numpy()])
+        results.append(
+            forward_backward(layer, x, dy, jit_compile)
+            + [layer.moving_mean.numpy(), layer.moving_variance.numpy()]
+        )
     gamma, beta = layer.gamma.numpy(), layer.beta.numpy()
     y_ref, mean_ref, var_ref = reference.batch_norm_train(x, gamma, beta, [axis], 1e-3)
     dx_ref, dgamma_ref, dbeta_ref = reference.batch_norm_train_grad(x, gamma, dy, [axis], 1e-3)
@@ -127,7 +130,9 @@ def test_mixed_precision_fused_matches_the_float32_general_path(policy):
     full(tf.cast(tf.cast(x, low.compute_dtype), tf.float32), training=True)
     tolerance = 2e-2 if "bfloat16" in policy else 2e-3
     np.testing.assert_allclose(low.moving_mean.numpy(), full.moving_mean.numpy(), rtol=tolerance)
-    np.testing.assert_allclose(low.moving_variance.numpy(), full.moving_variance.numpy(), rtol=tolerance)
+    np.testing.assert_allclose(
+        low.moving_variance.numpy(), full.moving_variance.numpy(), rtol=tolerance
+    )
     inference = low(tf.cast(x, low.compute_dtype), training=False)
     assert inference.dtype == low.compute_dtype
 
@@ -148,7 +153,9 @@ def test_tensor_training_flag_and_deferred_updates_on_the_fused_path():
     run(tf.constant(False))
     assert np.array_equal(layer.moving_mean.numpy(), np.zeros(2, np.float32))
     run(tf.constant(True))
-    np.testing.assert_allclose(layer.moving_mean.numpy(), 0.5 * x.astype(np.float64).mean((0, 1, 2)), rtol=1e-6)
+    np.testing.assert_allclose(
+        layer.moving_mean.numpy(), 0.5 * x.astype(np.float64).mean((0, 1, 2)), rtol=1e-6
+    )
 
 
 @pytest.mark.parametrize(

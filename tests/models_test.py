@@ -8,7 +8,7 @@ import pytest
 
 import tfbn
 from tfbn import models
-from tfbn.finetune import scopes
+from tfbn.finetune import update_plan
 
 
 @pytest.mark.parametrize("name, num_bn", [("tiny_darknet", 4), ("bn_mlp", 3), ("inception_bn", 23)])
@@ -16,7 +16,7 @@ def test_registered_models_have_backbone_and_head(name, num_bn):
     model = models.build_model(name, 5, (32, 32, 3))
     paths = [v.path for v in model.variables]
     assert {p.split("/")[0] for p in paths} == {"backbone", "head"}
-    bns = scopes.batch_norm_layers(model)
+    bns = update_plan.batch_norm_layers(model)
     assert len(bns) == num_bn and all(isinstance(layer, tfbn.BatchNormalization) for layer in bns)
     logits = model(np.zeros((2, 32, 32, 3), np.float32), training=False)
     assert logits.shape == (2, 5)
@@ -32,7 +32,9 @@ def test_tiny_darknet_blocks_are_conv_bn_leaky():
 
 def test_bn_overrides_reach_every_bn_layer():
     model = models.build_model("bn_mlp", 3, (8, 8, 3), bn_momentum=0.9, bn_epsilon=1e-5)
-    assert all(l.momentum == 0.9 and l.epsilon == 1e-5 for l in scopes.batch_norm_layers(model))
+    assert all(
+        l.momentum == 0.9 and l.epsilon == 1e-5 for l in update_plan.batch_norm_layers(model)
+    )
 
 
 def test_user_builder_with_stock_keras_bn(tmp_path, monkeypatch):
@@ -47,16 +49,19 @@ def test_user_builder_with_stock_keras_bn(tmp_path, monkeypatch):
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     model = models.build_model("my_models:net", 2, (8, 8, 3), bn_momentum=0.5)
-    (bn,) = scopes.batch_norm_layers(model)
+    (bn,) = update_plan.batch_norm_layers(model)
     assert isinstance(bn, keras.layers.BatchNormalization) and bn.momentum == 0.5
     sys.modules.pop("my_models", None)
 
 
-@pytest.mark.parametrize("name, message", [
-    ("resnet9000", "not registered"),
-    ("no_such_module_xyz:net", "cannot import"),
-    ("tfbn.models:missing", "no function"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("resnet9000", "not registered"),
+        ("no_such_module_xyz:net", "cannot import"),
+        ("tfbn.models:missing", "no function"),
+    ],
+)
 def test_bad_model_names(name, message):
     with pytest.raises(ValueError, match=message):
         models.build_model(name, 2, (8, 8, 3))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfbn import moments
+from tfbn.nn import moments
 
 
 @pytest.mark.parametrize("offset", [0.0, 1e4, 1e5, 1e6])
@@ -17,7 +17,10 @@ def test_variance_is_accurate_for_large_offsets(offset):
     assert np.all(variance >= 0)
     np.testing.assert_allclose(variance, reference, rtol=2e-3)
     np.testing.assert_allclose(
-        stats.mean.numpy().reshape(-1), x.astype(np.float64).mean(axis=(0, 1, 2)), rtol=1e-7, atol=1e-5
+        stats.mean.numpy().reshape(-1),
+        x.astype(np.float64).mean(axis=(0, 1, 2)),
+        rtol=1e-7,
+        atol=1e-5,
     )
 
 
@@ -75,7 +78,9 @@ def test_synchronized_statistics_equal_the_global_batch(two_cpu_strategy):
     def replica_fn():
         replica = tf.distribute.get_replica_context().replica_id_in_sync_group
         x = tf.where(replica == 0, tf.pad(shards[0], [[0, 4], [0, 0]]), shards[1])
-        mask = tf.where(replica == 0, tf.concat([tf.ones([6, 1]), tf.zeros([4, 1])], 0), tf.ones([10, 1]))
+        mask = tf.where(
+            replica == 0, tf.concat([tf.ones([6, 1]), tf.zeros([4, 1])], 0), tf.ones([10, 1])
+        )
         stats = moments.batch_moments(x, [0], mask=mask, synchronized=True)
         return stats.mean, stats.variance, stats.count
 

@@ -3,7 +3,7 @@
 import numpy as np
 import tensorflow as tf
 
-from tfbn import moving_averages
+from tfbn.nn import moving_averages
 
 
 def test_exponential_moving_average_keras_convention():
@@ -18,7 +18,9 @@ def test_cumulative_average_is_the_exact_mean_of_all_batches():
     batches = np.random.default_rng(0).normal(size=(50, 3)).astype(np.float32)
     moving = tf.constant([7.0, 7.0, 7.0])  # the initial value is forgotten
     for seen, batch in enumerate(batches):
-        moving = moving_averages.cumulative_average(moving, tf.constant(batch), tf.constant(seen, tf.int64))
+        moving = moving_averages.cumulative_average(
+            moving, tf.constant(batch), tf.constant(seen, tf.int64)
+        )
     np.testing.assert_allclose(moving.numpy(), batches.astype(np.float64).mean(0), rtol=1e-5)
 
 

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 import tfbn
-from tfbn.population_statistics import population_moments, recompute_statistics
+from tfbn.tools.population_statistics import population_moments, recompute_statistics
 
 L = keras.layers
 

@@ -25,6 +25,8 @@ def test_quickstart_tracks_the_data_and_filters_updates(capsys):
     assert "input_bn unchanged" in printed
     images, _ = quickstart.make_data()
     # After 3 epochs with momentum 0.9 the input BN tracks the data closely.
-    mean_line = next(line for line in printed.splitlines() if line.strip().startswith("moving_mean"))
+    mean_line = next(
+        line for line in printed.splitlines() if line.strip().startswith("moving_mean")
+    )
     moving_mean = np.array(mean_line.split("[")[1].rstrip("]").split(), dtype=float)
     np.testing.assert_allclose(moving_mean, images.mean(axis=(0, 1, 2)), atol=0.1)

@@ -40,9 +40,14 @@ def batch_norm_train_grad(x, gamma, dy, feature_axes, epsilon):
     g = np.reshape(gamma, shape)
     dgamma = (dy * x_hat).sum(axis=axes)
     dbeta = dy.sum(axis=axes)
-    dx = g * inv_std * (
-        dy - dy.mean(axis=axes, keepdims=True)
-        - x_hat * (dy * x_hat).mean(axis=axes, keepdims=True)
+    dx = (
+        g
+        * inv_std
+        * (
+            dy
+            - dy.mean(axis=axes, keepdims=True)
+            - x_hat * (dy * x_hat).mean(axis=axes, keepdims=True)
+        )
     )
     return dx, dgamma.reshape(-1), dbeta.reshape(-1)
 

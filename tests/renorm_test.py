@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfbn import renorm
+from tfbn.nn import renorm
 
 EPSILON = 1e-3
 
@@ -27,8 +27,12 @@ def test_correction_matches_numpy(clipping):
     renorm_stddev = np.sqrt(renorm_variance)
     renorm_stddev[0] = 1e-4  # below sqrt(epsilon): the floor applies.
     r, d = renorm.correction(
-        tf.constant(mean), tf.constant(variance), tf.constant(renorm_mean),
-        tf.constant(renorm_stddev), EPSILON, clipping,
+        tf.constant(mean),
+        tf.constant(variance),
+        tf.constant(renorm_mean),
+        tf.constant(renorm_stddev),
+        EPSILON,
+        clipping,
     )
     floor = np.maximum(renorm_stddev.astype(np.float64), np.sqrt(EPSILON))
     want_r = np.sqrt(variance.astype(np.float64) + EPSILON) / floor
@@ -68,8 +72,13 @@ def test_updated_statistics_follow_the_moving_average_formulas(momentum, num_bat
     mean = np.array([1.0, 0.0, -2.0], np.float32)
     variance = np.array([4.0, 0.25, 9.0], np.float32)
     new = renorm.updated_statistics(
-        old, tf.constant(mean), tf.constant(variance), epsilon=EPSILON, momentum=momentum,
-        renorm_momentum=0.8, valid=tf.constant(True),
+        old,
+        tf.constant(mean),
+        tf.constant(variance),
+        epsilon=EPSILON,
+        momentum=momentum,
+        renorm_momentum=0.8,
+        valid=tf.constant(True),
         num_batches=None if num_batches is None else tf.constant(num_batches, tf.int64),
     )
     stddev = np.sqrt(variance.astype(np.float64) + EPSILON)
@@ -93,8 +102,13 @@ def test_updated_statistics_follow_the_moving_average_formulas(momentum, num_bat
 def test_invalid_batch_leaves_every_statistic_bit_identical():
     old = _old_statistics()
     new = renorm.updated_statistics(
-        old, tf.constant([9.0, 9.0, 9.0]), tf.constant([np.nan, 1.0, 1.0]), epsilon=EPSILON,
-        momentum=0.5, renorm_momentum=0.5, valid=tf.constant(False),
+        old,
+        tf.constant([9.0, 9.0, 9.0]),
+        tf.constant([np.nan, 1.0, 1.0]),
+        epsilon=EPSILON,
+        momentum=0.5,
+        renorm_momentum=0.5,
+        valid=tf.constant(False),
     )
     for name in ("moving_stddev", "moving_variance", "renorm_mean", "renorm_stddev"):
         assert np.array_equal(getattr(new, name).numpy(), getattr(old, name).numpy()), name
@@ -102,7 +116,11 @@ def test_invalid_batch_leaves_every_statistic_bit_identical():
 
 @pytest.mark.parametrize(
     "clipping, match",
-    [({"rmx": 2.0}, "unknown keys"), ({"rmin": 2.0, "rmax": 1.0}, "rmax >= rmin"), ({"dmax": -1.0}, "dmax >= 0")],
+    [
+        ({"rmx": 2.0}, "unknown keys"),
+        ({"rmin": 2.0, "rmax": 1.0}, "rmax >= rmin"),
+        ({"dmax": -1.0}, "dmax >= 0"),
+    ],
 )
 def test_validate_clipping_rejects_bad_dicts(clipping, match):
     with pytest.raises(ValueError, match=match):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import tfbn
-from tfbn import tools_cli
-from tfbn.population_statistics import population_moments
+from tfbn.tools import cli as tools_cli
+from tfbn.tools.population_statistics import population_moments
 
 L = keras.layers
 
@@ -32,10 +32,21 @@ def test_recompute_then_fold_then_convert(saved_model, capsys):
     path, data, tmp = saved_model
     recomputed, folded, converted = (os.path.join(tmp, f"{n}.keras") for n in "rfc")
 
-    assert tools_cli.main(
-        ["recompute-statistics", path, recomputed, "--data", os.path.join(tmp, "data.npy"),
-         "--batch-size", "4", "--quiet"]
-    ) == 0
+    assert (
+        tools_cli.main(
+            [
+                "recompute-statistics",
+                path,
+                recomputed,
+                "--data",
+                os.path.join(tmp, "data.npy"),
+                "--batch-size",
+                "4",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     model = keras.models.load_model(recomputed)
     batches = [data[:4], data[4:8], data[8:]]
     stats = population_moments(model, batches)
@@ -56,8 +67,18 @@ def test_audit_writes_json_and_fails_on_errors(saved_model):
     path, data, tmp = saved_model
     np.savez(os.path.join(tmp, "data.npz"), inputs=data, labels=np.zeros(10))
     report_path = os.path.join(tmp, "report.json")
-    argv = ["audit", path, "--data", os.path.join(tmp, "data.npz"), "--data-key", "inputs",
-            "--format", "json", "--output", report_path]
+    argv = [
+        "audit",
+        path,
+        "--data",
+        os.path.join(tmp, "data.npz"),
+        "--data-key",
+        "inputs",
+        "--format",
+        "json",
+        "--output",
+        report_path,
+    ]
     assert tools_cli.main(argv) == 0
     with open(report_path) as handle:
         checks = {(f["layer"], f["check"]) for f in json.load(handle)["findings"]}

@@ -15,10 +15,9 @@ import tensorflow as tf
 from absl import flags
 
 import tfbn
-from tfbn import flags as tfbn_flags
 from tfbn.finetune import checkpoint as checkpoint_lib
-from tfbn.finetune import scopes
-from tfbn.finetune import trainer
+from tfbn.finetune import flags as tfbn_flags
+from tfbn.finetune import trainer, update_plan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_DIR = os.path.join(tempfile.gettempdir(), "tfbn_test_data")
@@ -29,8 +28,15 @@ def smoke_config(model_dir, *extra):
     """The smoke flagfile plus `extra` flags, parsed into a TrainConfig."""
     fv = flags.FlagValues()
     tfbn_flags.define_flags(fv)
-    fv(["train.py", f"--flagfile={REPO}/configs/smoke.flags", f"--model_dir={model_dir}",
-        f"--data_dir={DATA_DIR}", *extra])
+    fv(
+        [
+            "train.py",
+            f"--flagfile={REPO}/configs/smoke.flags",
+            f"--model_dir={model_dir}",
+            f"--data_dir={DATA_DIR}",
+            *extra,
+        ]
+    )
     return tfbn_flags.config_from_flags(fv)
 
 
@@ -51,18 +57,26 @@ def small_model(bn_type=tfbn.BatchNormalization, head_bn=False):
 
 
 def build_step(model, mode, update_part=("head/",)):
-    plan = scopes.plan_update(model, update_part, frozen_bn_mode=mode)
+    plan = update_plan.plan_update(model, update_part, frozen_bn_mode=mode)
     optimizer = keras.optimizers.SGD(0.1)
     optimizer.build(list(plan.update_variables))
     step_var = tf.Variable(0, dtype=tf.int64)
     skipped = tf.Variable(0, dtype=tf.int64)
     trainer.configure_bn_modes(plan)
-    return plan, trainer.make_train_step(model, optimizer, plan, step_var, skipped), step_var, skipped
+    return (
+        plan,
+        trainer.make_train_step(model, optimizer, plan, step_var, skipped),
+        step_var,
+        skipped,
+    )
 
 
 def batch():
     rng = np.random.default_rng(0)
-    return (rng.normal(2.0, 3.0, (8, 6)).astype(np.float32), np.array([0, 1, 2, 0, 1, 2, 0, 1], np.int32))
+    return (
+        rng.normal(2.0, 3.0, (8, 6)).astype(np.float32),
+        np.array([0, 1, 2, 0, 1, 2, 0, 1], np.int32),
+    )
 
 
 def values(variables):
@@ -73,7 +87,9 @@ def loss_of(model, x, y, training):
     with tfbn.deferred_updates() as updates:
         logits = model(x, training=training)
         updates.discard()
-    return float(tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)))
+    return float(
+        tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
+    )
 
 
 @pytest.mark.parametrize("bn_type", [tfbn.BatchNormalization, keras.layers.BatchNormalization])
@@ -127,7 +143,9 @@ def test_update_set_bn_follows_ema_for_each_batch():
         expected_mean = MOMENTUM * expected_mean + (1 - MOMENTUM) * h.mean(0)
         expected_var = MOMENTUM * expected_var + (1 - MOMENTUM) * h.var(0)
         np.testing.assert_allclose(head_bn.moving_mean.numpy(), expected_mean, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(head_bn.moving_variance.numpy(), expected_var, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            head_bn.moving_variance.numpy(), expected_var, rtol=1e-5, atol=1e-6
+        )
 
 
 @pytest.mark.parametrize("bn_type", [tfbn.BatchNormalization, keras.layers.BatchNormalization])
@@ -140,7 +158,9 @@ def test_non_finite_step_applies_nothing(bn_type):
     bad[0, 0] = np.nan
     out = step(bad, y)
     assert not bool(out["applied"])
-    assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(values(model.variables), before))
+    assert all(
+        np.array_equal(a, b, equal_nan=True) for a, b in zip(values(model.variables), before)
+    )
     assert int(skipped.numpy()) == 1 and int(step_var.numpy()) == 1
     out = step(x, y)
     assert bool(out["applied"]) and int(skipped.numpy()) == 1
@@ -155,9 +175,16 @@ def test_pretrain_then_head_finetune_keeps_backbone_bit_identical(tmp_path, caps
     pre_dir, fine_dir = str(tmp_path / "pre"), str(tmp_path / "fine")
     trainer.train(smoke_config(pre_dir))
     saved = _checkpoint_values(pre_dir)
-    result = trainer.train(smoke_config(
-        fine_dir, "--dataset=tfbn_shapes/target", f"--init_checkpoint={pre_dir}",
-        "--restore_part=backbone/", "--update_part=head/", "--verbose=1"))
+    result = trainer.train(
+        smoke_config(
+            fine_dir,
+            "--dataset=tfbn_shapes/target",
+            f"--init_checkpoint={pre_dir}",
+            "--restore_part=backbone/",
+            "--update_part=head/",
+            "--verbose=1",
+        )
+    )
     assert result.restore_report.restored == [p for p in saved if p.startswith("backbone/")]
     for variable in result.model.variables:
         if variable.path.startswith("backbone/"):
@@ -167,8 +194,11 @@ def test_pretrain_then_head_finetune_keeps_backbone_bit_identical(tmp_path, caps
     report = json.load(open(os.path.join(fine_dir, "bn_report.json")))
     assert report["frozen_statistics_bit_identical"]
     modes = {row["path"]: (row["mode"], row["stats_bit_identical"]) for row in report["layers"]}
-    assert modes == {"backbone/bn1": ("inference", True), "backbone/bn2": ("inference", True),
-                     "head/fc_bn": ("train", False)}
+    assert modes == {
+        "backbone/bn1": ("inference", True),
+        "backbone/bn2": ("inference", True),
+        "head/fc_bn": ("train", False),
+    }
     out = capsys.readouterr().out
     assert "Frozen BN statistics bit-identical: yes" in out and "eval step 10" in out
     assert "--update_part=head/" in open(os.path.join(fine_dir, "flags.txt")).read()
@@ -202,17 +232,27 @@ def test_export_writes_keras_and_saved_model(tmp_path):
     export_dir = tmp_path / "run" / "export"
     reloaded = keras.models.load_model(str(export_dir / "model.keras"))
     x = np.random.default_rng(0).random((4, 32, 32, 3)).astype(np.float32)
-    np.testing.assert_allclose(reloaded(x, training=False), result.model(x, training=False), atol=1e-6)
+    np.testing.assert_allclose(
+        reloaded(x, training=False), result.model(x, training=False), atol=1e-6
+    )
     served = tf.saved_model.load(str(export_dir / "saved_model"))
     np.testing.assert_allclose(served.serve(x), result.model(x, training=False), atol=1e-5)
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     killed_dir = str(tmp_path / "killed")
-    command = [sys.executable, os.path.join(REPO, "train.py"), f"--flagfile={REPO}/configs/smoke.flags",
-               f"--model_dir={killed_dir}", f"--data_dir={DATA_DIR}", "--train_steps=100000",
-               "--checkpoint_interval=3"]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = [
+        sys.executable,
+        os.path.join(REPO, "train.py"),
+        f"--flagfile={REPO}/configs/smoke.flags",
+        f"--model_dir={killed_dir}",
+        f"--data_dir={DATA_DIR}",
+        "--train_steps=100000",
+        "--checkpoint_interval=3",
+    ]
+    process = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.time() + 120
         while tf.train.latest_checkpoint(killed_dir) is None and time.time() < deadline:
@@ -224,10 +264,15 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     latest = tf.train.latest_checkpoint(killed_dir)
     assert latest is not None
     total = int(latest.rsplit("-", 1)[1]) + 7
-    resumed = trainer.train(smoke_config(killed_dir, f"--train_steps={total}", "--checkpoint_interval=3"))
+    resumed = trainer.train(
+        smoke_config(killed_dir, f"--train_steps={total}", "--checkpoint_interval=3")
+    )
     assert resumed.resumed_from is not None and resumed.global_step == total
-    straight = trainer.train(smoke_config(str(tmp_path / "straight"), f"--train_steps={total}",
-                                          "--checkpoint_interval=3"))
+    straight = trainer.train(
+        smoke_config(
+            str(tmp_path / "straight"), f"--train_steps={total}", "--checkpoint_interval=3"
+        )
+    )
     for a, b in zip(resumed.model.variables, straight.model.variables):
         assert np.array_equal(a.numpy(), b.numpy()), a.path
 
@@ -247,11 +292,15 @@ def test_a_bn_layer_called_twice_per_step_is_reported_and_updated_twice(caplog):
     hidden = model.get_layer("dense")(x).numpy().astype(np.float64)
     with caplog.at_level("WARNING"):
         step(tf.constant(x), tf.constant(np.arange(8) % 2, tf.int32))
-    assert any("head/shared_bn" in record.getMessage() and "more than once" in record.getMessage()
-               for record in caplog.records)
+    assert any(
+        "head/shared_bn" in record.getMessage() and "more than once" in record.getMessage()
+        for record in caplog.records
+    )
     # Two updates in call order: the left tower's batch, then the right's.
     expected = np.zeros(4)
     for batch in (hidden, -hidden):
         expected = MOMENTUM * expected + (1 - MOMENTUM) * batch.mean(0)
-    np.testing.assert_allclose(model.get_layer("shared_bn").moving_mean.numpy(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        model.get_layer("shared_bn").moving_mean.numpy(), expected, rtol=1e-5, atol=1e-6
+    )
     assert trainer.warn_about_repeated_calls(["a", "b"]) == []

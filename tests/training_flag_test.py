@@ -4,13 +4,20 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfbn.training_flag import resolve_training
+from tfbn.nn.training_flag import resolve_training
 
 
 @pytest.mark.parametrize(
     "flag, expected",
-    [(None, False), (True, True), (False, False), (1, True), (0, False),
-     (np.bool_(True), True), (np.int64(0), False)],
+    [
+        (None, False),
+        (True, True),
+        (False, False),
+        (1, True),
+        (0, False),
+        (np.bool_(True), True),
+        (np.int64(0), False),
+    ],
 )
 def test_python_and_numpy_flags(flag, expected):
     assert resolve_training(flag) is expected

@@ -11,17 +11,21 @@ Public API:
 """
 
 from tfbn import compat
-from tfbn.auditing import AuditReport, Finding, audit
-from tfbn.conversion import convert_batch_norm, load_torch_batch_norm_state
 from tfbn.deferred_updates import (
     PendingUpdate,
     UnappliedUpdatesError,
     UpdateCollector,
     deferred_updates,
 )
-from tfbn.folding import ChannelAffine, FoldDecision, fold_batch_norm
 from tfbn.layers.batch_normalization import BatchNormalization
-from tfbn.population_statistics import PopulationMoments, population_moments, recompute_statistics
+from tfbn.tools.auditing import AuditReport, Finding, audit
+from tfbn.tools.conversion import convert_batch_norm, load_torch_batch_norm_state
+from tfbn.tools.folding import ChannelAffine, FoldDecision, fold_batch_norm
+from tfbn.tools.population_statistics import (
+    PopulationMoments,
+    population_moments,
+    recompute_statistics,
+)
 
 __version__ = "0.1.0"
 

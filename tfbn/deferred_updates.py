@@ -26,7 +26,8 @@ import contextlib
 import dataclasses
 import re
 import threading
-from typing import Callable, Iterator, List, Optional, Sequence, Union
+from collections.abc import Callable, Iterator, Sequence
+from typing import Union
 
 Patterns = Union[None, str, Sequence[str]]
 
@@ -51,25 +52,25 @@ class PendingUpdate:
 
     path: str
     layer: object
-    apply_fn: Callable[[], List[object]]
+    apply_fn: Callable[[], list[object]]
 
 
 _local = threading.local()
 
 
-def _stack() -> List["UpdateCollector"]:
+def _stack() -> list[UpdateCollector]:
     if not hasattr(_local, "stack"):
         _local.stack = []
     return _local.stack
 
 
-def active_collector() -> Optional["UpdateCollector"]:
+def active_collector() -> UpdateCollector | None:
     """The innermost open collector of this thread, or None."""
     stack = _stack()
     return stack[-1] if stack else None
 
 
-def _as_pattern_list(name: str, patterns: Patterns) -> Optional[List[str]]:
+def _as_pattern_list(name: str, patterns: Patterns) -> list[str] | None:
     if patterns is None:
         return None
     if isinstance(patterns, str):
@@ -86,7 +87,7 @@ class UpdateCollector:
     """The pending updates of one `deferred_updates()` block."""
 
     def __init__(self):
-        self._pending: List[PendingUpdate] = []
+        self._pending: list[PendingUpdate] = []
 
     @property
     def pending(self) -> tuple:
@@ -94,7 +95,7 @@ class UpdateCollector:
         return tuple(self._pending)
 
     @property
-    def paths(self) -> List[str]:
+    def paths(self) -> list[str]:
         """The layer paths of the pending updates, in call order (may repeat)."""
         return [update.path for update in self._pending]
 
@@ -102,7 +103,14 @@ class UpdateCollector:
         """Adds an update; called by layers, not by users."""
         self._pending.append(update)
 
-    def _select(self, include: Patterns, exclude: Patterns) -> List[PendingUpdate]:
+    def _select(self, include: Patterns, exclude: Patterns, layers) -> list[PendingUpdate]:
+        if layers is not None:
+            if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+                raise TypeError(
+                    f"`layers` must be a collection of layer objects; received {layers!r}. "
+                    "Example: layers=[model.get_layer('bn1')]."
+                )
+            wanted = {id(layer) for layer in layers}
         include_list = _as_pattern_list("include", include)
         exclude_list = _as_pattern_list("exclude", exclude)
         known = sorted(set(self.paths))
@@ -116,16 +124,17 @@ class UpdateCollector:
                         "fix the pattern or drop it."
                     )
 
-        def selected(path: str) -> bool:
-            if include_list is not None and not any(
-                re.match(p, path) for p in include_list
-            ):
+        def selected(update: PendingUpdate) -> bool:
+            if layers is not None and id(update.layer) not in wanted:
+                return False
+            path = update.path
+            if include_list is not None and not any(re.match(p, path) for p in include_list):
                 return False
             return not any(re.match(p, path) for p in exclude_list or ())
 
-        return [update for update in self._pending if selected(update.path)]
+        return [update for update in self._pending if selected(update)]
 
-    def apply(self, include: Patterns = None, exclude: Patterns = None) -> list:
+    def apply(self, include: Patterns = None, exclude: Patterns = None, *, layers=None) -> list:
         """Runs the selected pending updates in the order they were recorded.
 
         Args:
@@ -133,6 +142,9 @@ class UpdateCollector:
                 `re.match`es one of them run. None selects every update.
             exclude: Regex pattern(s); updates of matching layers are skipped
                 (they stay pending).
+            layers: Optional collection of layer objects; only their updates
+                run (combined with the patterns). Selecting by object needs no
+                path to be unique or regex-safe.
 
         Returns:
             A list of the assign ops, suitable for `tf.control_dependencies`
@@ -142,7 +154,7 @@ class UpdateCollector:
             ValueError: If a pattern matches no pending update (a typo must
                 not silently freeze or update the wrong layers).
         """
-        chosen = self._select(include, exclude)
+        chosen = self._select(include, exclude, layers)
         ops = []
         for update in chosen:
             ops.extend(op for op in update.apply_fn() if op is not None)
@@ -150,18 +162,19 @@ class UpdateCollector:
         self._pending = [u for u in self._pending if id(u) not in chosen_ids]
         return ops
 
-    def discard(self, include: Patterns = None, exclude: Patterns = None) -> None:
+    def discard(self, include: Patterns = None, exclude: Patterns = None, *, layers=None) -> None:
         """Drops the selected pending updates without running them.
 
         Args:
             include: Regex pattern(s) selecting the updates to drop; None
                 selects every pending update.
             exclude: Regex pattern(s) of updates to keep pending.
+            layers: Optional collection of layer objects whose updates to drop.
 
         Raises:
             ValueError: If a pattern matches no pending update.
         """
-        chosen_ids = {id(update) for update in self._select(include, exclude)}
+        chosen_ids = {id(update) for update in self._select(include, exclude, layers)}
         self._pending = [u for u in self._pending if id(u) not in chosen_ids]
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import List, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -44,41 +43,49 @@ class Split:
 
     images: np.ndarray
     labels: np.ndarray
-    class_names: Tuple[str, ...]
+    class_names: tuple[str, ...]
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
 
-def _folder_root(dataset: str) -> Optional[str]:
-    return dataset[len(FOLDER_PREFIX):] if dataset.startswith(FOLDER_PREFIX) else None
+def _folder_root(dataset: str) -> str | None:
+    return dataset[len(FOLDER_PREFIX) :] if dataset.startswith(FOLDER_PREFIX) else None
 
 
-def available_splits(dataset: str, data_dir: Optional[str] = None) -> List[str]:
+def available_splits(dataset: str, data_dir: str | None = None) -> list[str]:
     """The split names a dataset offers."""
     root = _folder_root(dataset)
     if root is not None:
         if not tf.io.gfile.isdir(root):
             raise ValueError(f"--dataset {dataset!r}: {root!r} is not a directory.")
-        return sorted(name for name in tf.io.gfile.listdir(root) if tf.io.gfile.isdir(os.path.join(root, name)))
+        return sorted(
+            name
+            for name in tf.io.gfile.listdir(root)
+            if tf.io.gfile.isdir(os.path.join(root, name))
+        )
     return sorted(_tfds_builder(dataset, data_dir).info.splits.keys())
 
 
-def resolve_eval_split(dataset: str, eval_split: Optional[str], data_dir: Optional[str] = None) -> str:
+def resolve_eval_split(dataset: str, eval_split: str | None, data_dir: str | None = None) -> str:
     """`eval_split`, or the first of validation/val/test that the dataset has."""
     splits = available_splits(dataset, data_dir)
     if eval_split is not None:
         if eval_split not in splits:
-            raise ValueError(f"--eval_split {eval_split!r} is not a split of {dataset!r}; splits: {splits}.")
+            raise ValueError(
+                f"--eval_split {eval_split!r} is not a split of {dataset!r}; splits: {splits}."
+            )
         return eval_split
     for name in EVAL_SPLIT_PREFERENCE:
         if name in splits:
             return name
-    raise ValueError(f"{dataset!r} has none of the splits {EVAL_SPLIT_PREFERENCE}; pass --eval_split.")
+    raise ValueError(
+        f"{dataset!r} has none of the splits {EVAL_SPLIT_PREFERENCE}; pass --eval_split."
+    )
 
 
-def _tfds_builder(name: str, data_dir: Optional[str]):
+def _tfds_builder(name: str, data_dir: str | None):
     try:
         builder = tfds.builder(name, data_dir=data_dir or DEFAULT_DATA_DIR)
     except tfds.core.registered.DatasetNotFoundError as error:
@@ -90,7 +97,7 @@ def _tfds_builder(name: str, data_dir: Optional[str]):
     return builder
 
 
-def load_split(dataset: str, split: str, image_size: int, data_dir: Optional[str] = None) -> Split:
+def load_split(dataset: str, split: str, image_size: int, data_dir: str | None = None) -> Split:
     """Loads one split into memory, resized to `image_size` x `image_size`.
 
     Args:
@@ -107,9 +114,13 @@ def load_split(dataset: str, split: str, image_size: int, data_dir: Optional[str
         return _load_folder(root, split, image_size)
     builder = _tfds_builder(dataset, data_dir)
     if split not in builder.info.splits:
-        raise ValueError(f"{dataset!r} has no split {split!r}; splits: {sorted(builder.info.splits)}.")
+        raise ValueError(
+            f"{dataset!r} has no split {split!r}; splits: {sorted(builder.info.splits)}."
+        )
     if builder.info.supervised_keys is None:
-        raise ValueError(f"{dataset!r} has no supervised (image, label) keys; it cannot train a classifier.")
+        raise ValueError(
+            f"{dataset!r} has no supervised (image, label) keys; it cannot train a classifier."
+        )
     label_key = builder.info.supervised_keys[1]
     class_names = tuple(builder.info.features[label_key].names)
     ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
@@ -131,11 +142,20 @@ def _prepare(image, image_size: int):
 def _load_folder(root: str, split: str, image_size: int) -> Split:
     split_dir = os.path.join(root, split)
     if not tf.io.gfile.isdir(split_dir):
-        raise ValueError(f"Image folder split {split_dir!r} does not exist (expected <root>/{split}/<class>/*.jpg).")
+        raise ValueError(
+            f"Image folder split {split_dir!r} does not exist (expected <root>/{split}/<class>/*.jpg)."
+        )
     # Class names come from the train split so every split labels alike.
-    class_dir = os.path.join(root, "train") if tf.io.gfile.isdir(os.path.join(root, "train")) else split_dir
-    class_names = tuple(sorted(name.rstrip("/") for name in tf.io.gfile.listdir(class_dir)
-                               if tf.io.gfile.isdir(os.path.join(class_dir, name))))
+    class_dir = (
+        os.path.join(root, "train") if tf.io.gfile.isdir(os.path.join(root, "train")) else split_dir
+    )
+    class_names = tuple(
+        sorted(
+            name.rstrip("/")
+            for name in tf.io.gfile.listdir(class_dir)
+            if tf.io.gfile.isdir(os.path.join(class_dir, name))
+        )
+    )
     images, labels = [], []
     for label, name in enumerate(class_names):
         directory = os.path.join(split_dir, name)
@@ -163,8 +183,9 @@ def steps_per_epoch(split: Split, batch_size: int) -> int:
     return steps
 
 
-def train_batches(split: Split, batch_size: int, seed: int, start_step: int, end_step: int,
-                  augment: bool = True) -> tf.data.Dataset:
+def train_batches(
+    split: Split, batch_size: int, seed: int, start_step: int, end_step: int, augment: bool = True
+) -> tf.data.Dataset:
     """The training batches of steps `start_step .. end_step - 1`.
 
     Args:
@@ -189,7 +210,7 @@ def train_batches(split: Split, batch_size: int, seed: int, start_step: int, end
         order = tf.random.experimental.stateless_shuffle(
             tf.range(count), seed=tf.stack([tf.cast(seed, tf.int64), epoch])
         )
-        indices = order[position * batch_size:(position + 1) * batch_size]
+        indices = order[position * batch_size : (position + 1) * batch_size]
         batch_images = tf.gather(images, indices)
         if augment:
             batch_images = tf.image.stateless_random_flip_left_right(

@@ -7,7 +7,8 @@ Run one with `python -m tfbn.experiments <name> --output_dir=DIR`; each writes
 from __future__ import annotations
 
 import importlib
-from typing import Callable, List
+from collections.abc import Callable
+from typing import List
 
 from tfbn.experiments.common import ExperimentConfig, ExperimentResult, write_result
 
@@ -31,10 +32,16 @@ def get_experiment(name: str) -> Callable[[ExperimentConfig], ExperimentResult]:
     return importlib.import_module(EXPERIMENTS[name]).run
 
 
-def run_experiment(name: str, config: ExperimentConfig) -> List[str]:
+def run_experiment(name: str, config: ExperimentConfig) -> list[str]:
     """Runs one experiment and writes its files; returns their paths."""
     result = get_experiment(name)(config)
     return write_result(result, config.output_dir)
 
 
-__all__ = ["EXPERIMENTS", "ExperimentConfig", "ExperimentResult", "get_experiment", "run_experiment"]
+__all__ = [
+    "EXPERIMENTS",
+    "ExperimentConfig",
+    "ExperimentResult",
+    "get_experiment",
+    "run_experiment",
+]

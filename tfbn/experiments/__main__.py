@@ -9,9 +9,13 @@ from absl import app, flags, logging
 from tfbn import experiments
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("output_dir", "experiments_output", "Directory for the CSV, markdown and PNG files.")
+flags.DEFINE_string(
+    "output_dir", "experiments_output", "Directory for the CSV, markdown and PNG files."
+)
 flags.DEFINE_integer("seed", 0, "Seed of weights, data order and everything random.")
-flags.DEFINE_float("scale", 1.0, "Multiplies every step count (0.05 makes a smoke run).", lower_bound=1e-4)
+flags.DEFINE_float(
+    "scale", 1.0, "Multiplies every step count (0.05 makes a smoke run).", lower_bound=1e-4
+)
 flags.DEFINE_integer("image_size", 16, "Side of the square input images.", lower_bound=4)
 flags.DEFINE_string("data_dir", None, "TFDS data directory (default: tfbn's cache).")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
@@ -25,8 +29,12 @@ def main(argv):
             f"Name one experiment: {sorted(experiments.EXPERIMENTS)} or 'all'; received {names}."
         )
     config = experiments.ExperimentConfig(
-        output_dir=FLAGS.output_dir, seed=FLAGS.seed, scale=FLAGS.scale,
-        image_size=FLAGS.image_size, data_dir=FLAGS.data_dir, progress=FLAGS.progress,
+        output_dir=FLAGS.output_dir,
+        seed=FLAGS.seed,
+        scale=FLAGS.scale,
+        image_size=FLAGS.image_size,
+        data_dir=FLAGS.data_dir,
+        progress=FLAGS.progress,
     )
     chosen = list(experiments.EXPERIMENTS) if names[0] == "all" else names
     for name in chosen:

@@ -12,7 +12,7 @@ import csv
 import dataclasses
 import math
 import os
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 import keras
 import numpy as np
@@ -43,7 +43,7 @@ class ExperimentConfig:
     seed: int = 0
     scale: float = 1.0
     image_size: int = 16
-    data_dir: Optional[str] = None
+    data_dir: str | None = None
     progress: bool = True
 
     def __post_init__(self):
@@ -71,9 +71,9 @@ class Plot:
     title: str
     xlabel: str
     ylabel: str
-    series: Dict[str, Tuple[Sequence[float], Sequence[float]]]
+    series: dict[str, tuple[Sequence[float], Sequence[float]]]
     log_x: bool = False
-    categories: Optional[Sequence[str]] = None
+    categories: Sequence[str] | None = None
 
 
 @dataclasses.dataclass
@@ -88,9 +88,9 @@ class ExperimentResult:
     """
 
     name: str
-    rows: List[dict]
+    rows: list[dict]
     summary: str
-    plots: List[Plot] = dataclasses.field(default_factory=list)
+    plots: list[Plot] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,12 +112,14 @@ def load_data(config: ExperimentConfig, dataset: str = SOURCE, flatten: bool = T
     def prepare(images):
         return images.reshape(len(images), -1) if flatten else images
 
-    return Data(prepare(train.images), train.labels, prepare(test.images), test.labels,
-                train.num_classes)
+    return Data(
+        prepare(train.images), train.labels, prepare(test.images), test.labels, train.num_classes
+    )
 
 
-def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, training: bool = False,
-             batch_size: int = 128) -> Tuple[float, float]:
+def evaluate(
+    model: keras.Model, x: np.ndarray, y: np.ndarray, training: bool = False, batch_size: int = 128
+) -> tuple[float, float]:
     """Accuracy and mean cross-entropy.
 
     `training=True` normalizes with each batch's statistics (what the model
@@ -135,8 +137,8 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, training: bool = 
         return logits
 
     for start in range(0, len(x), batch_size):
-        logits = forward(x[start:start + batch_size])
-        labels = y[start:start + batch_size]
+        logits = forward(x[start : start + batch_size])
+        labels = y[start : start + batch_size]
         loss_sum += float(loss_fn(labels, logits))
         correct += int(np.sum(np.argmax(logits, axis=-1) == labels))
     return correct / len(x), loss_sum / len(x)
@@ -152,9 +154,9 @@ def train_classifier(
     seed: int,
     eval_every: int = 0,
     progress: bool = True,
-    on_eval: Optional[Callable[[int], Dict[str, float]]] = None,
+    on_eval: Callable[[int], dict[str, float]] | None = None,
     label: str = "",
-) -> List[dict]:
+) -> list[dict]:
     """Trains with cross-entropy, evaluating in inference mode along the way.
 
     Args:
@@ -187,20 +189,27 @@ def train_classifier(
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(data.train_x))
     position = 0
-    bar = keras.utils.Progbar(steps, stateful_metrics=["loss", "test_acc"], verbose=1 if progress else 0)
+    bar = keras.utils.Progbar(
+        steps, stateful_metrics=["loss", "test_acc"], verbose=1 if progress else 0
+    )
     if progress and label:
         print(label)
     rows, loss = [], float("nan")
     for step in range(1, steps + 1):
         if position + batch_size > len(order):
             order, position = rng.permutation(len(data.train_x)), 0
-        batch = order[position:position + batch_size]
+        batch = order[position : position + batch_size]
         position += batch_size
         loss = float(train_step(data.train_x[batch], data.train_y[batch]))
         values = [("loss", loss)]
         if (eval_every and step % eval_every == 0) or step == steps:
             accuracy, test_loss = evaluate(model, data.test_x, data.test_y)
-            row = {"step": step, "test_accuracy": accuracy, "test_loss": test_loss, "train_loss": loss}
+            row = {
+                "step": step,
+                "test_accuracy": accuracy,
+                "test_loss": test_loss,
+                "train_loss": loss,
+            }
             if on_eval is not None:
                 row.update(on_eval(step))
             rows.append(row)
@@ -209,7 +218,7 @@ def train_classifier(
     return rows
 
 
-def write_result(result: ExperimentResult, output_dir: str) -> List[str]:
+def write_result(result: ExperimentResult, output_dir: str) -> list[str]:
     """Writes `<name>.csv`, `<name>.md` and the PNG plots; returns the paths."""
     os.makedirs(output_dir, exist_ok=True)
     written = []
@@ -235,7 +244,7 @@ def write_result(result: ExperimentResult, output_dir: str) -> List[str]:
     return written
 
 
-def _draw_plots(plots: Sequence[Plot], output_dir: str) -> List[str]:
+def _draw_plots(plots: Sequence[Plot], output_dir: str) -> list[str]:
     try:
         import matplotlib
 
@@ -250,8 +259,12 @@ def _draw_plots(plots: Sequence[Plot], output_dir: str) -> List[str]:
         for index, (label, (xs, ys)) in enumerate(plot.series.items()):
             ys = [y if y is not None and math.isfinite(y) else float("nan") for y in ys]
             if plot.categories is not None:
-                axes.bar([x + (index - (len(plot.series) - 1) / 2) * width for x in xs], ys,
-                         width=width, label=label)
+                axes.bar(
+                    [x + (index - (len(plot.series) - 1) / 2) * width for x in xs],
+                    ys,
+                    width=width,
+                    label=label,
+                )
             else:
                 axes.plot(list(xs), ys, marker="o" if len(xs) <= 12 else None, label=label)
         if plot.categories is not None:
@@ -272,6 +285,6 @@ def _draw_plots(plots: Sequence[Plot], output_dir: str) -> List[str]:
     return paths
 
 
-def series(rows: Sequence[dict], x_key: str, y_key: str) -> Tuple[List[float], List[float]]:
+def series(rows: Sequence[dict], x_key: str, y_key: str) -> tuple[list[float], list[float]]:
     """Pulls one plot series out of result rows."""
     return [row[x_key] for row in rows], [row[y_key] for row in rows]

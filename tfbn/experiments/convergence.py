@@ -9,8 +9,6 @@ with it.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import keras
 import numpy as np
 
@@ -23,8 +21,9 @@ PERCENTILES = (15, 50, 85)
 WATCHED_UNIT = 0
 
 
-def sigmoid_mlp(input_dim: int, num_classes: int, batch_norm: bool,
-                bn_kwargs: Optional[dict] = None, seed: int = 0) -> keras.Model:
+def sigmoid_mlp(
+    input_dim: int, num_classes: int, batch_norm: bool, bn_kwargs: dict | None = None, seed: int = 0
+) -> keras.Model:
     """The paper's MLP; the last hidden layer's sigmoid input is `pre_sigmoid3`."""
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((input_dim,))
@@ -59,9 +58,16 @@ def run(config: common.ExperimentConfig) -> common.ExperimentResult:
             return {f"p{p}": float(np.percentile(values, p)) for p in PERCENTILES}
 
         history = common.train_classifier(
-            model, data, steps=steps, batch_size=60,
-            optimizer=keras.optimizers.SGD(0.5), seed=config.seed,
-            eval_every=eval_every, progress=config.progress, on_eval=percentiles, label=label,
+            model,
+            data,
+            steps=steps,
+            batch_size=60,
+            optimizer=keras.optimizers.SGD(0.5),
+            seed=config.seed,
+            eval_every=eval_every,
+            progress=config.progress,
+            on_eval=percentiles,
+            label=label,
         )
         for row in history:
             rows.append({"model": label, **row})
@@ -75,15 +81,25 @@ def run(config: common.ExperimentConfig) -> common.ExperimentResult:
         f"Sigmoid MLP {list(HIDDEN_UNITS)}, SGD(0.5), batch 60, {steps} steps on the embedded "
         f"`tfbn_shapes/source` images ({config.image_size}x{config.image_size}, flattened).\n\n"
         "| model | test accuracy at half the steps | final test accuracy |\n|---|---|---|\n"
-        + "".join(f"| {label} | {half[label]:.3f} | {final[label]['test_accuracy']:.3f} |\n" for label in final)
+        + "".join(
+            f"| {label} | {half[label]:.3f} | {final[label]['test_accuracy']:.3f} |\n"
+            for label in final
+        )
         + "\nThe second plot follows the 15th, 50th and 85th percentiles of one unit's sigmoid "
         "input in the last hidden layer (test set, as seen in training mode): with BN the distribution "
         "stays stable, without BN it drifts, as in the paper's figure 1(b, c)."
     )
     plots = [
-        common.Plot("convergence_accuracy.png", "Test accuracy vs steps", "step", "test accuracy", curves),
-        common.Plot("convergence_percentiles.png", "Sigmoid input percentiles (last hidden layer)",
-                    "step", "sigmoid input", bands),
+        common.Plot(
+            "convergence_accuracy.png", "Test accuracy vs steps", "step", "test accuracy", curves
+        ),
+        common.Plot(
+            "convergence_percentiles.png",
+            "Sigmoid input percentiles (last hidden layer)",
+            "step",
+            "sigmoid input",
+            bands,
+        ),
     ]
     return common.ExperimentResult("convergence", rows, summary, plots)
 

@@ -17,8 +17,11 @@ BATCH_SIZES = (2, 4, 8, 16, 32, 64, 128)
 # The paper's clipping; renorm_momentum 0.9 rather than 0.99 because these
 # runs are short: with 0.99 the renorm statistics lag the drifting features
 # for ~100 of the 400 steps and renorm then trains worse than plain BN.
-RENORM = {"renorm": True, "renorm_clipping": {"rmax": 3.0, "rmin": 1.0 / 3.0, "dmax": 5.0},
-          "renorm_momentum": 0.9}
+RENORM = {
+    "renorm": True,
+    "renorm_clipping": {"rmax": 3.0, "rmin": 1.0 / 3.0, "dmax": 5.0},
+    "renorm_momentum": 0.9,
+}
 
 
 def variant_kwargs(variant: str, batch_size: int) -> dict:
@@ -52,23 +55,40 @@ def run(config: common.ExperimentConfig) -> common.ExperimentResult:
     for variant in ("BN", "batch renorm", "ghost BN"):
         accuracies = []
         for batch_size in BATCH_SIZES:
-            model = relu_mlp(data.train_x.shape[1], data.num_classes,
-                             variant_kwargs(variant, batch_size), config.seed)
-            history = common.train_classifier(
-                model, data, steps=steps, batch_size=batch_size,
-                optimizer=keras.optimizers.Adam(1e-3), seed=config.seed,
-                progress=config.progress, label=f"{variant}, batch {batch_size}",
+            model = relu_mlp(
+                data.train_x.shape[1],
+                data.num_classes,
+                variant_kwargs(variant, batch_size),
+                config.seed,
             )
-            train_mode_accuracy, _ = common.evaluate(model, data.test_x, data.test_y,
-                                                     training=True, batch_size=batch_size)
-            rows.append({"variant": variant, "batch_size": batch_size, "steps": steps,
-                         "inference_accuracy": history[-1]["test_accuracy"],
-                         "training_mode_accuracy": train_mode_accuracy})
+            history = common.train_classifier(
+                model,
+                data,
+                steps=steps,
+                batch_size=batch_size,
+                optimizer=keras.optimizers.Adam(1e-3),
+                seed=config.seed,
+                progress=config.progress,
+                label=f"{variant}, batch {batch_size}",
+            )
+            train_mode_accuracy, _ = common.evaluate(
+                model, data.test_x, data.test_y, training=True, batch_size=batch_size
+            )
+            rows.append(
+                {
+                    "variant": variant,
+                    "batch_size": batch_size,
+                    "steps": steps,
+                    "inference_accuracy": history[-1]["test_accuracy"],
+                    "training_mode_accuracy": train_mode_accuracy,
+                }
+            )
             accuracies.append(history[-1]["test_accuracy"])
         curves[variant] = (list(BATCH_SIZES), accuracies)
     table = "".join(
         f"| {r['variant']} | {r['batch_size']} | {r['inference_accuracy']:.3f} | "
-        f"{r['training_mode_accuracy']:.3f} |\n" for r in rows
+        f"{r['training_mode_accuracy']:.3f} |\n"
+        for r in rows
     )
     summary = (
         f"ReLU MLP with two BN layers (momentum 0.9), Adam(1e-3), {steps} steps per run. "
@@ -77,6 +97,12 @@ def run(config: common.ExperimentConfig) -> common.ExperimentResult:
         "| variant | batch size | test accuracy (inference) | test accuracy (batch statistics) |\n"
         "|---|---|---|---|\n" + table
     )
-    plot = common.Plot("small_batch.png", "Inference-mode test accuracy vs batch size",
-                       "batch size", "test accuracy", curves, log_x=True)
+    plot = common.Plot(
+        "small_batch.png",
+        "Inference-mode test accuracy vs batch size",
+        "batch size",
+        "test accuracy",
+        curves,
+        log_x=True,
+    )
     return common.ExperimentResult("small_batch", rows, summary, [plot])

@@ -19,13 +19,13 @@ warning at exit, and a report of what was restored, skipped and missing.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
-from tfbn.finetune import scopes
+from tfbn.finetune import update_plan
 
 MODEL_VARIABLES = "model_variables"
 OPTIMIZER_VARIABLES = "optimizer_variables"
@@ -52,7 +52,10 @@ def make_checkpoint(model, optimizer, global_step, skipped_steps) -> tf.train.Ch
             variable.path.split("/", 1)[-1]: variable.value for variable in optimizer.variables
         },
     }
-    for name, variables in ((MODEL_VARIABLES, model.variables), (OPTIMIZER_VARIABLES, optimizer.variables)):
+    for name, variables in (
+        (MODEL_VARIABLES, model.variables),
+        (OPTIMIZER_VARIABLES, optimizer.variables),
+    ):
         if len(entries[name]) != len(variables):
             raise ValueError(
                 f"{name}: several variables share a path; give the model's layers "
@@ -83,7 +86,7 @@ def resolve_checkpoint_path(path: str) -> str:
     return path
 
 
-def read_model_variables(path: str, entry: str = MODEL_VARIABLES) -> Dict[str, np.ndarray]:
+def read_model_variables(path: str, entry: str = MODEL_VARIABLES) -> dict[str, np.ndarray]:
     """Reads the model (or optimizer) variables of a trainer checkpoint by path.
 
     Args:
@@ -128,9 +131,9 @@ class RestoreReport:
     """
 
     checkpoint: str
-    restored: List[str]
-    skipped: List[str]
-    not_restored: List[str]
+    restored: list[str]
+    skipped: list[str]
+    not_restored: list[str]
 
     def summary(self) -> str:
         """A few human-readable lines."""
@@ -143,24 +146,24 @@ class RestoreReport:
 
 def plan_restore(
     model_paths: Sequence[str],
-    checkpoint_values: Dict[str, np.ndarray],
+    checkpoint_values: dict[str, np.ndarray],
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
-) -> List[str]:
+) -> list[str]:
     """The model variable paths to restore; every one must be in the checkpoint.
 
     Raises:
         ValueError: If a pattern matches no model variable, or a selected
             variable is missing from the checkpoint.
     """
-    selected = scopes.select(model_paths, include, exclude, "restore_part", "restore_exclude")
+    selected = update_plan.select(model_paths, include, exclude, "restore_part", "restore_exclude")
     missing = [path for path in selected if path not in checkpoint_values]
     if missing:
         raise ValueError(
             f"{len(missing)} selected variables are missing from the checkpoint: "
             f"{missing[:10]}{' ...' if len(missing) > 10 else ''}. Exclude them with "
             "--restore_exclude (e.g. a new head) or narrow --restore_part. "
-            f"Checkpoint prefixes: {scopes.known_prefixes(list(checkpoint_values))}."
+            f"Checkpoint prefixes: {update_plan.known_prefixes(list(checkpoint_values))}."
         )
     return selected
 
@@ -221,7 +224,7 @@ def restore_partial(
     )
 
 
-def resume(checkpoint: tf.train.Checkpoint, manager: tf.train.CheckpointManager) -> Optional[str]:
+def resume(checkpoint: tf.train.Checkpoint, manager: tf.train.CheckpointManager) -> str | None:
     """Restores the latest checkpoint of `manager`, if any, matching exactly.
 
     Returns:
@@ -245,7 +248,8 @@ def resume(checkpoint: tf.train.Checkpoint, manager: tf.train.CheckpointManager)
         saved = read_model_variables(latest, entry)
         current = {path: tuple(value.shape) for path, value in getattr(checkpoint, entry).items()}
         differences = sorted(
-            path for path in set(saved) | set(current)
+            path
+            for path in set(saved) | set(current)
             if path not in saved or path not in current or saved[path].shape != current[path]
         )
         if differences:
@@ -258,8 +262,5 @@ def resume(checkpoint: tf.train.Checkpoint, manager: tf.train.CheckpointManager)
         status.assert_consumed()
     except AssertionError as error:
         status.expect_partial()
-        raise ValueError(
-            f"{latest} does not match this run: "
-            f"{str(error)[:300]}. {hint}"
-        ) from None
+        raise ValueError(f"{latest} does not match this run: {str(error)[:300]}. {hint}") from None
     return latest

@@ -19,13 +19,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Optional
 
 import tensorflow as tf
 from absl import logging
 
-from tfbn.config import STRATEGIES
-from tfbn.finetune import scopes
+from tfbn.finetune import update_plan
+from tfbn.finetune.config import STRATEGIES
 
 
 def configure_logical_cpus(num_devices: int) -> None:
@@ -105,7 +104,9 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
             "--strategy=tpu is untested (no TPU was available to the tfbn project); "
             "report problems with the full log."
         )
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=os.environ.get("TPU_NAME", ""))
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
+            tpu=os.environ.get("TPU_NAME", "")
+        )
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver)
@@ -120,18 +121,29 @@ def _cluster_from_tf_config():
     )
     raw = os.environ.get("TF_CONFIG")
     if not raw:
-        raise ValueError(f"--strategy=multi_worker needs the TF_CONFIG environment variable, e.g. {example}.")
+        raise ValueError(
+            f"--strategy=multi_worker needs the TF_CONFIG environment variable, e.g. {example}."
+        )
     try:
         tf_config = json.loads(raw)
     except json.JSONDecodeError as error:
-        raise ValueError(f"TF_CONFIG is not valid JSON ({error}); received {raw!r}; e.g. {example}.") from None
+        raise ValueError(
+            f"TF_CONFIG is not valid JSON ({error}); received {raw!r}; e.g. {example}."
+        ) from None
     cluster, task = tf_config.get("cluster"), tf_config.get("task")
-    if not isinstance(cluster, dict) or not cluster or not isinstance(task, dict) or "type" not in task:
+    if (
+        not isinstance(cluster, dict)
+        or not cluster
+        or not isinstance(task, dict)
+        or "type" not in task
+    ):
         raise ValueError(
             f"TF_CONFIG needs a 'cluster' and a 'task' with 'type' and 'index'; received {raw!r}; e.g. {example}."
         )
     if task["type"] not in cluster:
-        raise ValueError(f"TF_CONFIG task type {task['type']!r} is not in the cluster {sorted(cluster)}.")
+        raise ValueError(
+            f"TF_CONFIG task type {task['type']!r} is not in the cluster {sorted(cluster)}."
+        )
     return cluster, task
 
 
@@ -147,8 +159,8 @@ class WorkerRole:
     """
 
     is_chief: bool
-    task_type: Optional[str] = None
-    task_id: Optional[int] = None
+    task_type: str | None = None
+    task_id: int | None = None
 
     def checkpoint_dir(self, model_dir: str) -> str:
         """Where this worker saves checkpoints.
@@ -163,7 +175,7 @@ class WorkerRole:
         return os.path.join(model_dir, f"workertemp_{self.task_type}_{self.task_id}")
 
 
-def is_chief_task(task_type: Optional[str], task_id: Optional[int], cluster: dict) -> bool:
+def is_chief_task(task_type: str | None, task_id: int | None, cluster: dict) -> bool:
     """TensorFlow's chief rule: the `chief` task, else worker 0 of a cluster without one.
 
     Args:
@@ -206,7 +218,7 @@ def synchronize_batch_norm(model) -> int:
         ValueError: If a layer uses `virtual_batch_size`, which splits the
             local batch and so contradicts global statistics.
     """
-    layers = scopes.batch_norm_layers(model)
+    layers = update_plan.batch_norm_layers(model)
     for layer in layers:
         if getattr(layer, "virtual_batch_size", None) is not None:
             raise ValueError(
@@ -254,6 +266,6 @@ def distribute_batch(strategy: tf.distribute.Strategy, images, labels):
 
     def slice_for(context):
         start = context.replica_id_in_sync_group * per_replica
-        return images[start:start + per_replica], labels[start:start + per_replica]
+        return images[start : start + per_replica], labels[start : start + per_replica]
 
     return strategy.experimental_distribute_values_from_function(slice_for)

@@ -10,13 +10,14 @@ with it that frozen statistics stayed bit-identical and trained ones moved.
 from __future__ import annotations
 
 import json
-from typing import Dict, List
 
 import numpy as np
 
-from tfbn.finetune import scopes
+from tfbn.finetune import update_plan
+from tfbn.layers import introspection
+from tfbn.nn.batch_norm import STATISTIC_NAMES
 
-Snapshot = Dict[str, Dict[str, np.ndarray]]
+Snapshot = dict[str, dict[str, np.ndarray]]
 _SEPARATOR = "|"
 # Modes in which a BN layer's moving statistics must not change.
 FROZEN_STAT_MODES = ("inference", "batch")
@@ -25,14 +26,21 @@ FROZEN_STAT_MODES = ("inference", "batch")
 def snapshot(bn_layers) -> Snapshot:
     """Copies of every BN layer's gamma, beta and moving statistics, by layer path."""
     return {
-        layer.path: {name: np.array(variable.numpy()) for name, variable in scopes.bn_variables(layer).items()}
+        layer.path: {
+            name: np.array(variable.numpy())
+            for name, variable in introspection.state_variables(layer).items()
+        }
         for layer in bn_layers
     }
 
 
 def save_snapshot(path: str, values: Snapshot) -> None:
     """Writes a snapshot as a `.npz` file."""
-    flat = {f"{layer}{_SEPARATOR}{name}": value for layer, items in values.items() for name, value in items.items()}
+    flat = {
+        f"{layer}{_SEPARATOR}{name}": value
+        for layer, items in values.items()
+        for name, value in items.items()
+    }
     with open(path, "wb") as stream:
         np.savez(stream, **flat)
 
@@ -47,7 +55,7 @@ def load_snapshot(path: str) -> Snapshot:
     return values
 
 
-def bn_report(plan: scopes.UpdatePlan, baseline: Snapshot) -> List[dict]:
+def bn_report(plan: update_plan.UpdatePlan, baseline: Snapshot) -> list[dict]:
     """One row per BN layer of `plan`, comparing its variables with `baseline`.
 
     Returns:
@@ -59,19 +67,19 @@ def bn_report(plan: scopes.UpdatePlan, baseline: Snapshot) -> List[dict]:
         before = baseline.get(layer.path, {})
         changes = {}
         identical = True
-        for name, variable in scopes.bn_variables(layer).items():
+        for name, variable in introspection.state_variables(layer).items():
             now = variable.numpy()
             if name not in before:
                 changes[name] = None
                 continue
             changes[name] = float(np.max(np.abs(now - before[name]))) if now.size else 0.0
-            if name.startswith("moving_"):
+            if name in STATISTIC_NAMES:
                 identical = identical and np.array_equal(now, before[name])
         rows.append(
             {
                 "path": layer.path,
                 "type": type(layer).__module__.split(".")[0] + "." + type(layer).__name__,
-                "in_update_set": mode == scopes.MODE_TRAIN,
+                "in_update_set": mode == update_plan.MODE_TRAIN,
                 "mode": mode,
                 "max_abs_change": changes,
                 "stats_bit_identical": bool(identical),
@@ -80,12 +88,16 @@ def bn_report(plan: scopes.UpdatePlan, baseline: Snapshot) -> List[dict]:
     return rows
 
 
-def frozen_stats_violations(rows: List[dict]) -> List[str]:
+def frozen_stats_violations(rows: list[dict]) -> list[str]:
     """Paths of layers in a frozen-statistics mode whose statistics changed."""
-    return [row["path"] for row in rows if row["mode"] in FROZEN_STAT_MODES and not row["stats_bit_identical"]]
+    return [
+        row["path"]
+        for row in rows
+        if row["mode"] in FROZEN_STAT_MODES and not row["stats_bit_identical"]
+    ]
 
 
-def format_table(rows: List[dict]) -> str:
+def format_table(rows: list[dict]) -> str:
     """The report as an aligned text table."""
     names = ("moving_mean", "moving_variance", "gamma", "beta")
     header = ["layer", "update", "mode", "d_mean", "d_var", "d_gamma", "d_beta", "stats"]
@@ -94,12 +106,16 @@ def format_table(rows: List[dict]) -> str:
         change = row["max_abs_change"]
         cells = ["-" if change.get(name) is None else f"{change[name]:.3g}" for name in names]
         stats = "identical" if row["stats_bit_identical"] else "moved"
-        lines.append([row["path"], "yes" if row["in_update_set"] else "no", row["mode"], *cells, stats])
+        lines.append(
+            [row["path"], "yes" if row["in_update_set"] else "no", row["mode"], *cells, stats]
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines
+    )
 
 
-def write_report(path: str, rows: List[dict]) -> None:
+def write_report(path: str, rows: list[dict]) -> None:
     """Writes `bn_report.json` with the rows and the frozen-statistics verdict."""
     violations = frozen_stats_violations(rows)
     payload = {

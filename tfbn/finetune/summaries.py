@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict
 
 import numpy as np
 import tensorflow as tf
@@ -52,15 +51,18 @@ class RunLogger:
 
     def __init__(self, model_dir: str):
         self._writers = {
-            split: tf.summary.create_file_writer(os.path.join(model_dir, split)) for split in ("train", "eval")
+            split: tf.summary.create_file_writer(os.path.join(model_dir, split))
+            for split in ("train", "eval")
         }
         self._jsonl = open(os.path.join(model_dir, "metrics.jsonl"), "a")
 
-    def scalars(self, split: str, step: int, metrics: Dict[str, float]) -> None:
+    def scalars(self, split: str, step: int, metrics: dict[str, float]) -> None:
         """Logs scalar metrics of `split` ("train" or "eval") at `step`."""
         with self._writers[split].as_default(step=step):
             for name, value in metrics.items():
-                tf.summary.write(name, tf.constant(float(value), tf.float32), metadata=_SCALAR_METADATA)
+                tf.summary.write(
+                    name, tf.constant(float(value), tf.float32), metadata=_SCALAR_METADATA
+                )
         record = {"step": int(step), "split": split}
         record.update({name: float(value) for name, value in metrics.items()})
         self._jsonl.write(json.dumps(record) + "\n")
@@ -72,7 +74,9 @@ class RunLogger:
             for layer in bn_layers:
                 for name in ("moving_mean", "moving_variance"):
                     buckets = histogram_buckets(getattr(layer, name).numpy())
-                    tf.summary.write(f"bn/{layer.path}/{name}", buckets, metadata=_HISTOGRAM_METADATA)
+                    tf.summary.write(
+                        f"bn/{layer.path}/{name}", buckets, metadata=_HISTOGRAM_METADATA
+                    )
 
     def close(self) -> None:
         """Flushes and closes the writers and the JSON lines file."""

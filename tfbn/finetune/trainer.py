@@ -35,7 +35,6 @@ import dataclasses
 import os
 import re
 import time
-from typing import List, Optional
 
 import keras
 import numpy as np
@@ -44,17 +43,15 @@ from absl import logging
 
 from tfbn import data as data_lib
 from tfbn import models as models_lib
-from tfbn.config import TrainConfig
 from tfbn.deferred_updates import deferred_updates
 from tfbn.finetune import checkpoint as checkpoint_lib
-from tfbn.finetune import distribution
+from tfbn.finetune import distribution, summaries, update_plan
 from tfbn.finetune import report as report_lib
-from tfbn.finetune import scopes
-from tfbn.finetune import summaries
+from tfbn.finetune.config import TrainConfig
 from tfbn.layers.batch_normalization import BatchNormalization
 
 BASELINE_FILE = "bn_baseline.npz"
-_UPDATING_MODES = (scopes.MODE_TRAIN, "adapt")
+_UPDATING_MODES = (update_plan.MODE_TRAIN, "adapt")
 
 
 @dataclasses.dataclass
@@ -73,13 +70,13 @@ class TrainResult:
     """
 
     model: keras.Model
-    plan: scopes.UpdatePlan
+    plan: update_plan.UpdatePlan
     global_step: int
     skipped_steps: int
-    resumed_from: Optional[str] = None
-    restore_report: Optional[checkpoint_lib.RestoreReport] = None
-    eval_metrics: Optional[dict] = None
-    bn_rows: Optional[List[dict]] = None
+    resumed_from: str | None = None
+    restore_report: checkpoint_lib.RestoreReport | None = None
+    eval_metrics: dict | None = None
+    bn_rows: list[dict] | None = None
 
 
 def make_optimizer(config: TrainConfig, update_variables) -> keras.optimizers.Optimizer:
@@ -90,7 +87,8 @@ def make_optimizer(config: TrainConfig, update_variables) -> keras.optimizers.Op
     elif config.lr_schedule == "step":
         boundaries = [int(config.train_steps * 0.6), int(config.train_steps * 0.85)]
         lr = keras.optimizers.schedules.PiecewiseConstantDecay(
-            boundaries, [config.learning_rate, config.learning_rate * 0.1, config.learning_rate * 0.01]
+            boundaries,
+            [config.learning_rate, config.learning_rate * 0.1, config.learning_rate * 0.01],
         )
     decay = config.weight_decay or None
     factories = {
@@ -102,14 +100,12 @@ def make_optimizer(config: TrainConfig, update_variables) -> keras.optimizers.Op
     }
     optimizer = factories[config.optimizer]()
     # Decay kernels only: BN scale/offset and biases are not weights to shrink.
-    optimizer.exclude_from_weight_decay(
-        var_list=[v for v in update_variables if len(v.shape) <= 1]
-    )
+    optimizer.exclude_from_weight_decay(var_list=[v for v in update_variables if len(v.shape) <= 1])
     optimizer.build(list(update_variables))
     return optimizer
 
 
-def configure_bn_modes(plan: scopes.UpdatePlan) -> List[tuple]:
+def configure_bn_modes(plan: update_plan.UpdatePlan) -> list[tuple]:
     """Sets `trainable` on each BN layer for its mode; returns the old flags.
 
     Only `inference` mode needs `trainable=False`; the others run with batch
@@ -122,7 +118,7 @@ def configure_bn_modes(plan: scopes.UpdatePlan) -> List[tuple]:
     return previous
 
 
-def warn_about_repeated_calls(paths: List[str]) -> List[str]:
+def warn_about_repeated_calls(paths: list[str]) -> list[str]:
     """Warns (at trace time) about BN layers called more than once in a step.
 
     Each call records and applies one update, so a layer shared by two towers
@@ -143,7 +139,9 @@ def warn_about_repeated_calls(paths: List[str]) -> List[str]:
     return repeated
 
 
-def make_train_step(model, optimizer, plan: scopes.UpdatePlan, global_step, skipped_steps, strategy=None):
+def make_train_step(
+    model, optimizer, plan: update_plan.UpdatePlan, global_step, skipped_steps, strategy=None
+):
     """Builds the `tf.function` train step for `plan` (call `configure_bn_modes` first).
 
     The same step runs under every strategy; the default strategy is the
@@ -201,7 +199,9 @@ def make_train_step(model, optimizer, plan: scopes.UpdatePlan, global_step, skip
         finite = cross_replica_strategy.experimental_local_results(finite)[0]
 
         def apply_all():
-            cross_replica_strategy.extended.call_for_each_replica(apply_in_replica, args=(grads, updates))
+            cross_replica_strategy.extended.call_for_each_replica(
+                apply_in_replica, args=(grads, updates)
+            )
             return tf.constant(True)
 
         return tf.cond(finite, apply_all, lambda: tf.constant(False))
@@ -212,30 +212,44 @@ def make_train_step(model, optimizer, plan: scopes.UpdatePlan, global_step, skip
         local_count = tf.cast(tf.shape(labels)[0], tf.float32)
         global_count = context.all_reduce(tf.distribute.ReduceOp.SUM, local_count)
         stock_before = [
-            (layer, mode, tf.identity(layer.moving_mean.value), tf.identity(layer.moving_variance.value))
+            (
+                layer,
+                mode,
+                tf.identity(layer.moving_mean.value),
+                tf.identity(layer.moving_variance.value),
+            )
             for layer, mode in stock_layers
         ]
         with deferred_updates() as updates:
             with tf.GradientTape(watch_accessed_variables=False) as tape:
                 tape.watch([variable.value for variable in update_variables])
                 logits = tf.cast(model(images, training=True), tf.float32)
-                losses = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+                losses = keras.losses.sparse_categorical_crossentropy(
+                    labels, logits, from_logits=True
+                )
                 # Summed over the replicas (optimizer.apply all-reduces the
                 # gradients), this is the global batch's mean loss.
                 loss = tf.reduce_sum(losses) / global_count
                 if model.losses:
-                    loss = loss + tf.add_n([tf.cast(l, tf.float32) for l in model.losses]) / replicas
+                    loss = (
+                        loss + tf.add_n([tf.cast(l, tf.float32) for l in model.losses]) / replicas
+                    )
             warn_about_repeated_calls(updates.paths)
             grads = tape.gradient(loss, [variable.value for variable in update_variables])
-            grads = [tf.zeros_like(v.value) if g is None else g for g, v in zip(grads, update_variables)]
+            grads = [
+                tf.zeros_like(v.value) if g is None else g for g, v in zip(grads, update_variables)
+            ]
             local_finite = tf.reduce_all(
-                [tf.reduce_all(tf.math.is_finite(loss))] + [tf.reduce_all(tf.math.is_finite(g)) for g in grads]
+                [tf.reduce_all(tf.math.is_finite(loss))]
+                + [tf.reduce_all(tf.math.is_finite(g)) for g in grads]
             )
             non_finite = context.all_reduce(
                 tf.distribute.ReduceOp.SUM, tf.cast(tf.logical_not(local_finite), tf.float32)
             )
             # Each replica's collector travels to its own replica in the branch.
-            applied = context.merge_call(apply_or_skip, args=(tf.equal(non_finite, 0.0), grads, updates))
+            applied = context.merge_call(
+                apply_or_skip, args=(tf.equal(non_finite, 0.0), grads, updates)
+            )
             updates.discard()
         for layer, mode, mean, variance in stock_before:
             keep = applied if mode in _UPDATING_MODES else tf.constant(False)
@@ -256,7 +270,9 @@ def make_train_step(model, optimizer, plan: scopes.UpdatePlan, global_step, skip
     def step(images, labels):
         outputs = strategy.run(replica_step, args=(images, labels))
         # Every replica returns the same global values.
-        outputs = {name: strategy.experimental_local_results(value)[0] for name, value in outputs.items()}
+        outputs = {
+            name: strategy.experimental_local_results(value)[0] for name, value in outputs.items()
+        }
         global_step.assign_add(1)
         skipped_steps.assign_add(tf.cast(tf.logical_not(outputs["applied"]), tf.int64))
         return outputs
@@ -272,7 +288,11 @@ def make_eval_step(model):
         logits = tf.cast(model(images, training=False), tf.float32)
         losses = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
         correct = tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels)
-        return tf.reduce_sum(losses), tf.reduce_sum(tf.cast(correct, tf.float32)), tf.cast(tf.size(labels), tf.float32)
+        return (
+            tf.reduce_sum(losses),
+            tf.reduce_sum(tf.cast(correct, tf.float32)),
+            tf.cast(tf.size(labels), tf.float32),
+        )
 
     return step
 
@@ -300,7 +320,7 @@ def describe_sets(plan, restore_selected=None, restore_source=None) -> str:
     lines += [f"  {v.path}" for v in plan.frozen_variables]
     lines.append(f"BN layers ({len(plan.bn_modes)}):")
     lines += [
-        f"  {layer.path}: {'in update set' if mode == scopes.MODE_TRAIN else 'frozen'}, mode={mode}"
+        f"  {layer.path}: {'in update set' if mode == update_plan.MODE_TRAIN else 'frozen'}, mode={mode}"
         for layer, mode in plan.bn_modes
     ]
     return "\n".join(lines)
@@ -311,7 +331,7 @@ def _say(config: TrainConfig, text: str) -> None:
         print(text, flush=True)
 
 
-def train(config: TrainConfig, strategy: Optional[tf.distribute.Strategy] = None) -> TrainResult:
+def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> TrainResult:
     """Runs (or resumes) one training run described by `config`.
 
     Args:
@@ -340,7 +360,9 @@ def train(config: TrainConfig, strategy: Optional[tf.distribute.Strategy] = None
     distribution.replica_batch_size(config.batch_size, strategy)
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
-    train_split = data_lib.load_split(config.dataset, config.train_split, config.image_size, config.data_dir)
+    train_split = data_lib.load_split(
+        config.dataset, config.train_split, config.image_size, config.data_dir
+    )
     eval_name = data_lib.resolve_eval_split(config.dataset, config.eval_split, config.data_dir)
     eval_split = data_lib.load_split(config.dataset, eval_name, config.image_size, config.data_dir)
     with strategy.scope():
@@ -353,8 +375,12 @@ def train(config: TrainConfig, strategy: Optional[tf.distribute.Strategy] = None
         )
         if config.sync_bn:
             distribution.synchronize_batch_norm(model)
-        plan = scopes.plan_update(
-            model, config.update_part, config.freeze_part, config.freeze_batchnorm, config.frozen_bn_mode
+        plan = update_plan.plan_update(
+            model,
+            config.update_part,
+            config.freeze_part,
+            config.freeze_batchnorm,
+            config.frozen_bn_mode,
         )
         optimizer = make_optimizer(config, plan.update_variables)
         global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
@@ -401,17 +427,35 @@ def train(config: TrainConfig, strategy: Optional[tf.distribute.Strategy] = None
         report_lib.save_snapshot(baseline_path, baseline)
     saver = manager
     if not role.is_chief:
-        saver = tf.train.CheckpointManager(ckpt, role.checkpoint_dir(config.model_dir), max_to_keep=1)
+        saver = tf.train.CheckpointManager(
+            ckpt, role.checkpoint_dir(config.model_dir), max_to_keep=1
+        )
 
     previous_trainable = configure_bn_modes(plan)
-    _say(config, f"Training {len(plan.update_variables)} variables under "
-                 f"{scopes.known_prefixes([v.path for v in plan.update_variables], depth=1)}; "
-                 "BN modes: " + ", ".join(f"{layer.path}={mode}" for layer, mode in plan.bn_modes)
-                 + f"; {strategy.num_replicas_in_sync} replica(s) in sync"
-                 + (", synchronized BN" if config.sync_bn else ""))
+    _say(
+        config,
+        f"Training {len(plan.update_variables)} variables under "
+        f"{update_plan.known_prefixes([v.path for v in plan.update_variables], depth=1)}; "
+        "BN modes: "
+        + ", ".join(f"{layer.path}={mode}" for layer, mode in plan.bn_modes)
+        + f"; {strategy.num_replicas_in_sync} replica(s) in sync"
+        + (", synchronized BN" if config.sync_bn else ""),
+    )
     try:
-        _run_loop(config, strategy, role, model, plan, optimizer, global_step, skipped_steps, saver,
-                  train_split, eval_split, result)
+        _run_loop(
+            config,
+            strategy,
+            role,
+            model,
+            plan,
+            optimizer,
+            global_step,
+            skipped_steps,
+            saver,
+            train_split,
+            eval_split,
+            result,
+        )
     finally:
         for layer, trainable in previous_trainable:
             layer.trainable = trainable
@@ -421,7 +465,9 @@ def train(config: TrainConfig, strategy: Optional[tf.distribute.Strategy] = None
     result.bn_rows = report_lib.bn_report(plan, baseline)
     report_lib.write_report(os.path.join(config.model_dir, "bn_report.json"), result.bn_rows)
     violations = report_lib.frozen_stats_violations(result.bn_rows)
-    _say(config, "BN report (changes since the restore):\n" + report_lib.format_table(result.bn_rows))
+    _say(
+        config, "BN report (changes since the restore):\n" + report_lib.format_table(result.bn_rows)
+    )
     _say(
         config,
         "Frozen BN statistics bit-identical: "
@@ -456,8 +502,20 @@ def _save(saver, role, step):
         tf.io.gfile.rmtree(saver.directory)
 
 
-def _run_loop(config, strategy, role, model, plan, optimizer, global_step, skipped_steps, saver,
-              train_split, eval_split, result):
+def _run_loop(
+    config,
+    strategy,
+    role,
+    model,
+    plan,
+    optimizer,
+    global_step,
+    skipped_steps,
+    saver,
+    train_split,
+    eval_split,
+    result,
+):
     """The step loop: train, log, evaluate (chief), checkpoint (every worker)."""
     train_step = make_train_step(model, optimizer, plan, global_step, skipped_steps, strategy)
     eval_step = make_eval_step(model)
@@ -465,8 +523,14 @@ def _run_loop(config, strategy, role, model, plan, optimizer, global_step, skipp
     logger = summaries.RunLogger(config.model_dir) if role.is_chief else _NoLogger()
     bn_layers = [layer for layer, _ in plan.bn_modes]
     start = int(global_step.numpy())
-    batches = data_lib.train_batches(train_split, config.batch_size, config.seed, start, config.train_steps)
-    progbar = keras.utils.Progbar(config.train_steps, stateful_metrics=["loss", "accuracy", "steps/sec"]) if config.verbose == 1 else None
+    batches = data_lib.train_batches(
+        train_split, config.batch_size, config.seed, start, config.train_steps
+    )
+    progbar = (
+        keras.utils.Progbar(config.train_steps, stateful_metrics=["loss", "accuracy", "steps/sec"])
+        if config.verbose == 1
+        else None
+    )
     window_loss, window_accuracy, window_start, window_steps = [], [], time.perf_counter(), 0
     last_saved = None
     try:
@@ -478,13 +542,18 @@ def _run_loop(config, strategy, role, model, plan, optimizer, global_step, skipp
                 window_loss.append(float(outputs["loss"]))
                 window_accuracy.append(float(outputs["accuracy"]))
             else:
-                _say(config, f"step {step}: non-finite loss or gradients; step skipped "
-                             f"(no gradients, no BN updates); skipped so far: {int(skipped_steps.numpy())}.")
+                _say(
+                    config,
+                    f"step {step}: non-finite loss or gradients; step skipped "
+                    f"(no gradients, no BN updates); skipped so far: {int(skipped_steps.numpy())}.",
+                )
             if step % config.summary_interval == 0 or step == config.train_steps:
                 elapsed = time.perf_counter() - window_start
                 metrics = {
                     "loss": float(np.mean(window_loss)) if window_loss else float("nan"),
-                    "accuracy": float(np.mean(window_accuracy)) if window_accuracy else float("nan"),
+                    "accuracy": float(np.mean(window_accuracy))
+                    if window_accuracy
+                    else float("nan"),
                     "steps_per_sec": window_steps / max(elapsed, 1e-9),
                     "learning_rate": float(keras.ops.convert_to_numpy(optimizer.learning_rate)),
                     "skipped_steps": float(skipped_steps.numpy()),
@@ -492,19 +561,39 @@ def _run_loop(config, strategy, role, model, plan, optimizer, global_step, skipp
                 logger.scalars("train", step, metrics)
                 logger.bn_histograms(step, bn_layers)
                 if progbar is not None:
-                    progbar.update(step, [("loss", metrics["loss"]), ("accuracy", metrics["accuracy"]),
-                                          ("steps/sec", metrics["steps_per_sec"])])
+                    progbar.update(
+                        step,
+                        [
+                            ("loss", metrics["loss"]),
+                            ("accuracy", metrics["accuracy"]),
+                            ("steps/sec", metrics["steps_per_sec"]),
+                        ],
+                    )
                 elif config.verbose == 2:
-                    print(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
-                window_loss, window_accuracy, window_start, window_steps = [], [], time.perf_counter(), 0
-            evaluate_now = config.eval_interval and step % config.eval_interval == 0 and step != config.train_steps
+                    print(
+                        f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
+                        flush=True,
+                    )
+                window_loss, window_accuracy, window_start, window_steps = (
+                    [],
+                    [],
+                    time.perf_counter(),
+                    0,
+                )
+            evaluate_now = (
+                config.eval_interval
+                and step % config.eval_interval == 0
+                and step != config.train_steps
+            )
             if role.is_chief and evaluate_now:
                 _log_eval(config, logger, step, evaluate(eval_step, eval_data))
             if step % config.checkpoint_interval == 0:
                 _save(saver, role, step)
                 last_saved = step
         step = int(global_step.numpy())
-        resumed_at_end = result.resumed_from is not None and result.resumed_from.endswith(f"-{step}")
+        resumed_at_end = result.resumed_from is not None and result.resumed_from.endswith(
+            f"-{step}"
+        )
         if last_saved != step and not resumed_at_end:
             _save(saver, role, step)
         if role.is_chief:
@@ -521,4 +610,7 @@ def _log_eval(config, logger, step, metrics):
     logger.scalars("eval", step, metrics)
     # After a progress bar, start a new line.
     newline = "\n" if config.verbose == 1 else ""
-    _say(config, f"{newline}eval step {step}: loss={metrics['loss']:.4f} accuracy={metrics['accuracy']:.4f}")
+    _say(
+        config,
+        f"{newline}eval step {step}: loss={metrics['loss']:.4f} accuracy={metrics['accuracy']:.4f}",
+    )

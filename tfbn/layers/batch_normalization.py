@@ -19,18 +19,15 @@ What it adds to the stock layer, each pinned by tests:
 
 from __future__ import annotations
 
-from typing import List, Optional
-
 import keras
 import tensorflow as tf
 
-from tfbn import closed_form
-from tfbn import fused as fused_lib
-from tfbn import moments as moments_lib
-from tfbn import moving_averages
-from tfbn import renorm as renorm_lib
 from tfbn.deferred_updates import PendingUpdate, active_collector
-from tfbn.training_flag import resolve_training
+from tfbn.nn import closed_form, moving_averages
+from tfbn.nn import fused as fused_lib
+from tfbn.nn import moments as moments_lib
+from tfbn.nn import renorm as renorm_lib
+from tfbn.nn.training_flag import resolve_training
 
 VARIANCE_ESTIMATORS = ("biased", "unbiased")
 # An update needs at least two values per feature: with one, the variance is
@@ -38,7 +35,7 @@ VARIANCE_ESTIMATORS = ("biased", "unbiased")
 _MIN_VALUES_PER_FEATURE = 2
 
 
-def _normalize_axes(axis) -> List[int]:
+def _normalize_axes(axis) -> list[int]:
     if isinstance(axis, bool) or not isinstance(axis, (int, list, tuple)):
         raise TypeError(
             f"`axis` must be an int or a list of ints; received {axis!r}. "
@@ -52,15 +49,13 @@ def _normalize_axes(axis) -> List[int]:
     return axes
 
 
-def _validate_momentum(name: str, momentum, allow_none: bool) -> Optional[float]:
+def _validate_momentum(name: str, momentum, allow_none: bool) -> float | None:
     if momentum is None and allow_none:
         return None
     try:
         value = float(momentum)
     except (TypeError, ValueError):
-        raise TypeError(
-            f"`{name}` must be a float in [0, 1); received {momentum!r}."
-        ) from None
+        raise TypeError(f"`{name}` must be a float in [0, 1); received {momentum!r}.") from None
     if not 0.0 <= value < 1.0:
         hint = " (or None for a cumulative average)" if allow_none else ""
         raise ValueError(
@@ -197,9 +192,7 @@ class BatchNormalization(keras.layers.Layer):
         self.beta_initializer = keras.initializers.get(beta_initializer)
         self.gamma_initializer = keras.initializers.get(gamma_initializer)
         self.moving_mean_initializer = keras.initializers.get(moving_mean_initializer)
-        self.moving_variance_initializer = keras.initializers.get(
-            moving_variance_initializer
-        )
+        self.moving_variance_initializer = keras.initializers.get(moving_variance_initializer)
         self.beta_regularizer = keras.regularizers.get(beta_regularizer)
         self.gamma_regularizer = keras.regularizers.get(gamma_regularizer)
         self.beta_constraint = keras.constraints.get(beta_constraint)
@@ -247,13 +240,11 @@ class BatchNormalization(keras.layers.Layer):
 
     # ------------------------------------------------------------------ build
 
-    def _feature_axes(self, rank: int) -> List[int]:
+    def _feature_axes(self, rank: int) -> list[int]:
         axes = []
         for axis in self._axes:
             if not -rank <= axis < rank:
-                raise ValueError(
-                    f"`axis`={self.axis!r} is out of range for inputs of rank {rank}."
-                )
+                raise ValueError(f"`axis`={self.axis!r} is out of range for inputs of rank {rank}.")
             axes.append(axis % rank)
         return sorted(axes)
 
@@ -310,9 +301,7 @@ class BatchNormalization(keras.layers.Layer):
                 constraint=self.beta_constraint,
             )
         self.moving_mean = add("moving_mean", self.moving_mean_initializer, False)
-        self.moving_variance = add(
-            "moving_variance", self.moving_variance_initializer, False
-        )
+        self.moving_variance = add("moving_variance", self.moving_variance_initializer, False)
         if self.renorm:
             # Same extra weights, names and order as Keras 3, so renorm
             # weights interchange with the stock layer.
@@ -360,7 +349,7 @@ class BatchNormalization(keras.layers.Layer):
             self._record_update(*update)
         return tf.cast(outputs, self.compute_dtype)
 
-    def _fused_ineligibility(self, mask) -> Optional[str]:
+    def _fused_ineligibility(self, mask) -> str | None:
         """Why the fused kernel cannot run this call, or None if it can."""
         if len(self._feature_axes_built) != 1:
             return f"it normalizes over several axes (axis={self.axis!r})"
@@ -430,7 +419,9 @@ class BatchNormalization(keras.layers.Layer):
         return x * self._broadcast(a) + self._broadcast(b)
 
     def _check_values_per_feature(self, x):
-        static = [x.shape[axis] for axis in range(self._rank) if axis not in self._feature_axes_built]
+        static = [
+            x.shape[axis] for axis in range(self._rank) if axis not in self._feature_axes_built
+        ]
         if all(size is not None for size in static):
             count = 1
             for size in static:
@@ -526,9 +517,7 @@ class BatchNormalization(keras.layers.Layer):
                 tf.constant(False),
             )
 
-        outputs, mean, variance, count, valid = tf.cond(
-            training, train_branch, inference_branch
-        )
+        outputs, mean, variance, count, valid = tf.cond(training, train_branch, inference_branch)
         return outputs, (mean, variance, count, valid)
 
     # ---------------------------------------------------------- updates
@@ -547,7 +536,9 @@ class BatchNormalization(keras.layers.Layer):
                 for op in ops:
                     tf.compat.v1.add_to_collection(tf.compat.v1.GraphKeys.UPDATE_OPS, op)
         else:
-            collector.record(PendingUpdate(path=self.path or self.name, layer=self, apply_fn=apply_fn))
+            collector.record(
+                PendingUpdate(path=self.path or self.name, layer=self, apply_fn=apply_fn)
+            )
 
     def _apply_update(self, mean, variance, count, valid) -> list:
         """Folds one batch's statistics into the moving statistics.
@@ -590,9 +581,7 @@ class BatchNormalization(keras.layers.Layer):
         else:
             new_values.append((self.moving_variance, folded(self.moving_variance, variance)))
         if self.momentum is None:
-            new_values.append(
-                (self.num_batches_tracked, num_batches + tf.cast(valid, tf.int64))
-            )
+            new_values.append((self.num_batches_tracked, num_batches + tf.cast(valid, tf.int64)))
         return [_assign(variable, value) for variable, value in new_values]
 
     def reset_moving_statistics(self) -> None:

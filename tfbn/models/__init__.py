@@ -8,18 +8,19 @@ prefixes that `--update_part` and `--restore_part` match.
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Dict, Optional
+from collections.abc import Callable
+from typing import Dict, Optional
 
 import keras
 
-from tfbn.finetune import scopes
+from tfbn.layers import introspection
 from tfbn.models.bn_mlp import bn_mlp
 from tfbn.models.inception_bn import inception_bn
 from tfbn.models.tiny_darknet import tiny_darknet
 
 ModelBuilder = Callable[..., keras.Model]
 
-REGISTRY: Dict[str, ModelBuilder] = {
+REGISTRY: dict[str, ModelBuilder] = {
     "tiny_darknet": tiny_darknet,
     "bn_mlp": bn_mlp,
     "inception_bn": inception_bn,
@@ -54,8 +55,8 @@ def build_model(
     name: str,
     num_classes: int,
     input_shape,
-    bn_momentum: Optional[float] = None,
-    bn_epsilon: Optional[float] = None,
+    bn_momentum: float | None = None,
+    bn_epsilon: float | None = None,
 ) -> keras.Model:
     """Builds a model by name and applies the BN overrides to every BN layer.
 
@@ -75,7 +76,7 @@ def build_model(
     if not model.built:
         model(keras.ops.zeros((2,) + tuple(input_shape)), training=False)
     # tfbn and stock Keras BN both read these attributes at call time.
-    for layer in scopes.batch_norm_layers(model):
+    for layer in introspection.batch_norm_layers(model):
         if bn_momentum is not None:
             layer.momentum = float(bn_momentum)
         if bn_epsilon is not None:

@@ -7,7 +7,9 @@ import keras
 from tfbn.layers.batch_normalization import BatchNormalization
 
 
-def bn_mlp(num_classes: int, input_shape=(32, 32, 3), widths=(64, 64), head_width=32) -> keras.Model:
+def bn_mlp(
+    num_classes: int, input_shape=(32, 32, 3), widths=(64, 64), head_width=32
+) -> keras.Model:
     """Builds the model.
 
     Args:

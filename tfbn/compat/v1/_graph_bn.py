@@ -18,16 +18,15 @@ trick without the rounding of `old - (old - batch) * 0`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from collections.abc import Callable, Mapping, Sequence
 
 import tensorflow as tf
 
-from tfbn import closed_form
-from tfbn import fused as fused_lib
-from tfbn import moments as moments_lib
-from tfbn import moving_averages
-from tfbn import renorm as renorm_lib
-from tfbn.training_flag import resolve_training
+from tfbn.nn import closed_form, moving_averages
+from tfbn.nn import fused as fused_lib
+from tfbn.nn import moments as moments_lib
+from tfbn.nn import renorm as renorm_lib
+from tfbn.nn.training_flag import resolve_training
 
 VARIANCE_ESTIMATORS = ("biased", "unbiased")
 # TF1's `tf.nn.fused_batch_norm` silently raised smaller epsilons to this
@@ -38,7 +37,7 @@ RENORM_VARIABLE_NAMES = ("moving_stddev", "renorm_mean", "renorm_stddev")
 # An update needs two values per feature; one value has no variance.
 _MIN_VALUES_PER_FEATURE = 2
 
-Update = Tuple[tf.Variable, tf.Tensor]
+Update = tuple[tf.Variable, tf.Tensor]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,13 +47,13 @@ class GraphBNVariables:
     `gamma`/`beta` are None when disabled, the renorm ones without renorm.
     """
 
-    gamma: Optional[tf.Variable]
-    beta: Optional[tf.Variable]
+    gamma: tf.Variable | None
+    beta: tf.Variable | None
     moving_mean: tf.Variable
     moving_variance: tf.Variable
-    moving_stddev: Optional[tf.Variable] = None
-    renorm_mean: Optional[tf.Variable] = None
-    renorm_stddev: Optional[tf.Variable] = None
+    moving_stddev: tf.Variable | None = None
+    renorm_mean: tf.Variable | None = None
+    renorm_stddev: tf.Variable | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,11 +84,11 @@ def create_variables(
     *,
     scale: bool,
     center: bool,
-    initializers: Dict[str, Optional[Callable]],
-    regularizers: Dict[str, Optional[Callable]],
-    constraints: Dict[str, Optional[Callable]],
+    initializers: dict[str, Callable | None],
+    regularizers: dict[str, Callable | None],
+    constraints: dict[str, Callable | None],
     trainable: bool,
-    collections: Dict[str, List[str]],
+    collections: dict[str, list[str]],
     renorm: bool = False,
 ) -> GraphBNVariables:
     """Creates (or reuses) the variables in the current variable scope.
@@ -148,7 +147,7 @@ def create_variables(
     )
 
 
-def feature_axes_for(rank: Optional[int], axis: Sequence[int]) -> List[int]:
+def feature_axes_for(rank: int | None, axis: Sequence[int]) -> list[int]:
     """Validates `axis` against the input rank; returns sorted non-negative axes."""
     if rank is None:
         raise ValueError(
@@ -158,16 +157,14 @@ def feature_axes_for(rank: Optional[int], axis: Sequence[int]) -> List[int]:
     axes = []
     for a in axis:
         if not -rank <= a < rank:
-            raise ValueError(
-                f"`axis`={list(axis)!r} is out of range for inputs of rank {rank}."
-            )
+            raise ValueError(f"`axis`={list(axis)!r} is out of range for inputs of rank {rank}.")
         axes.append(a % rank)
     if len(set(axes)) != len(axes):
         raise ValueError(f"`axis` has duplicate entries: {list(axis)!r}.")
     return sorted(axes)
 
 
-def param_shape_for(inputs: tf.Tensor, feature_axes: Sequence[int]) -> List[int]:
+def param_shape_for(inputs: tf.Tensor, feature_axes: Sequence[int]) -> list[int]:
     """The parameter shape; every feature axis must have a known size."""
     shape = [inputs.shape[a] for a in feature_axes]
     if any(size is None for size in shape):
@@ -178,7 +175,7 @@ def param_shape_for(inputs: tf.Tensor, feature_axes: Sequence[int]) -> List[int]
     return [int(size) for size in shape]
 
 
-def resolve_variance_estimator(estimator: Optional[str], fused_path: bool) -> str:
+def resolve_variance_estimator(estimator: str | None, fused_path: bool) -> str:
     """`None` means TF1's numbers: unbiased where TF1 took the fused kernel.
 
     Args:
@@ -222,7 +219,9 @@ def _read_once(variables: GraphBNVariables, param_shape) -> GraphBNVariables:
     def read(variable):
         return None if variable is None else tf.convert_to_tensor(variable)
 
-    values = {field.name: read(getattr(variables, field.name)) for field in dataclasses.fields(variables)}
+    values = {
+        field.name: read(getattr(variables, field.name)) for field in dataclasses.fields(variables)
+    }
     if values["gamma"] is None:
         values["gamma"] = tf.ones(param_shape)
     if values["beta"] is None:
@@ -231,7 +230,17 @@ def _read_once(variables: GraphBNVariables, param_shape) -> GraphBNVariables:
 
 
 def _training(
-    x, values, *, feature_axes, epsilon, variance_estimator, fused_kernel, weights, ghost, adjustment, renorm
+    x,
+    values,
+    *,
+    feature_axes,
+    epsilon,
+    variance_estimator,
+    fused_kernel,
+    weights,
+    ghost,
+    adjustment,
+    renorm,
 ):
     """Normalizes with batch statistics; returns outputs, mean, variance, valid.
 
@@ -245,7 +254,11 @@ def _training(
     if layout is not None:
         data_format, expand_axis = layout
         outputs, mean, variance, count = fused_lib.batch_norm_training(
-            fused_lib.to_kernel_rank(x, expand_axis), values.gamma, values.beta, epsilon, data_format
+            fused_lib.to_kernel_rank(x, expand_axis),
+            values.gamma,
+            values.beta,
+            epsilon,
+            data_format,
         )
         outputs = tf.reshape(outputs, tf.shape(x))
     else:
@@ -262,7 +275,9 @@ def _training(
             epsilon,
             mask=mask,
             virtual_batch_size=ghost,
-            renorm_statistics=None if renorm is None else (values.renorm_mean, values.renorm_stddev),
+            renorm_statistics=None
+            if renorm is None
+            else (values.renorm_mean, values.renorm_stddev),
             renorm_clipping=None if renorm is None else renorm.clipping,
             adjustment=adjustment,
         )
@@ -293,11 +308,11 @@ def normalize(
     training,
     variance_estimator: str,
     fused_kernel: bool = True,
-    batch_weights: Optional[tf.Tensor] = None,
-    virtual_batch_size: Optional[int] = None,
-    adjustment: Optional[Callable] = None,
-    renorm: Optional[Renorm] = None,
-) -> Tuple[tf.Tensor, List[Update]]:
+    batch_weights: tf.Tensor | None = None,
+    virtual_batch_size: int | None = None,
+    adjustment: Callable | None = None,
+    renorm: Renorm | None = None,
+) -> tuple[tf.Tensor, list[Update]]:
     """Builds the forward pass and the gated moving-statistics updates.
 
     Args:
@@ -414,7 +429,7 @@ def _inside_control_flow_branch(graph) -> bool:
 
 
 def register_updates(
-    updates: List[Update],
+    updates: list[Update],
     outputs: tf.Tensor,
     updates_collections,
 ) -> tf.Tensor:
@@ -453,7 +468,9 @@ def register_updates(
             "(the output then forces the update), or build the layer outside "
             "the branch."
         )
-    names = [updates_collections] if isinstance(updates_collections, str) else list(updates_collections)
+    names = (
+        [updates_collections] if isinstance(updates_collections, str) else list(updates_collections)
+    )
     for op in ops:
         for collection in names:
             graph.add_to_collection(collection, op)

@@ -8,12 +8,12 @@ code and checkpoints run unchanged apart from the import.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from collections.abc import Callable
 
 import tensorflow as tf
 
-from tfbn import renorm as renorm_lib
 from tfbn.compat.v1 import _graph_bn
+from tfbn.nn import renorm as renorm_lib
 
 _DEFAULT_SCOPE = "BatchNorm"
 _VARIABLE_NAMES = ("beta", "gamma", "moving_mean", "moving_variance")
@@ -21,7 +21,7 @@ _ALL_VARIABLE_NAMES = _VARIABLE_NAMES + _graph_bn.RENORM_VARIABLE_NAMES
 _DATA_FORMATS = ("NHWC", "NCHW")
 
 
-def _checked_dict(argument: str, value, allowed) -> Dict:
+def _checked_dict(argument: str, value, allowed) -> dict:
     value = dict(value or {})
     unknown = sorted(set(value) - set(allowed))
     if unknown:
@@ -32,7 +32,7 @@ def _checked_dict(argument: str, value, allowed) -> Dict:
     return value
 
 
-def _variable_collections(variables_collections) -> Dict[str, list]:
+def _variable_collections(variables_collections) -> dict[str, list]:
     """contrib's collections: GLOBAL + MODEL_VARIABLES + the user's, per name.
 
     `get_variable` adds `TRAINABLE_VARIABLES` itself for trainable ones.
@@ -55,7 +55,7 @@ def batch_norm(
     center=True,
     scale=False,
     epsilon=0.001,
-    activation_fn: Optional[Callable] = None,
+    activation_fn: Callable | None = None,
     param_initializers=None,
     param_regularizers=None,
     updates_collections=tf.compat.v1.GraphKeys.UPDATE_OPS,
@@ -73,7 +73,7 @@ def batch_norm(
     renorm_clipping=None,
     renorm_decay=0.99,
     adjustment=None,
-    moving_variance_estimator: Optional[str] = None,
+    moving_variance_estimator: str | None = None,
 ):
     """Batch normalization in a `tf.compat.v1` graph, contrib/slim style.
 
@@ -162,9 +162,7 @@ def batch_norm(
             "batch_norm; pass False and lower `decay` (e.g. 0.9) for short runs."
         )
     if data_format not in _DATA_FORMATS:
-        raise ValueError(
-            f"`data_format` must be one of {_DATA_FORMATS}; received {data_format!r}."
-        )
+        raise ValueError(f"`data_format` must be one of {_DATA_FORMATS}; received {data_format!r}.")
     initializers = _checked_dict("param_initializers", param_initializers, _VARIABLE_NAMES)
     regularizers = _checked_dict("param_regularizers", param_regularizers, ("beta", "gamma"))
     inputs = tf.convert_to_tensor(inputs)

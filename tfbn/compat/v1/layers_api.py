@@ -9,17 +9,17 @@ without `tf_keras`.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import tensorflow as tf
 
-from tfbn import renorm as renorm_lib
 from tfbn.compat.v1 import _graph_bn
+from tfbn.nn import renorm as renorm_lib
 
 _DEFAULT_NAME = "batch_normalization"
 
 
-def _fused_kernel_usable(rank, feature_axes, renorm, virtual_batch_size, adjustment) -> Optional[str]:
+def _fused_kernel_usable(rank, feature_axes, renorm, virtual_batch_size, adjustment) -> str | None:
     """None when TF1 could use `fused_batch_norm`, else the reason it could not."""
     if rank != 4:
         return f"the input has rank {rank}, not 4"
@@ -58,8 +58,8 @@ def batch_normalization(
     renorm_momentum=0.99,
     fused=None,
     virtual_batch_size=None,
-    adjustment: Optional[Callable] = None,
-    moving_variance_estimator: Optional[str] = None,
+    adjustment: Callable | None = None,
+    moving_variance_estimator: str | None = None,
     updates_collections=tf.compat.v1.GraphKeys.UPDATE_OPS,
 ):
     """Batch normalization in a `tf.compat.v1` graph, tf.layers style.
@@ -160,7 +160,11 @@ def batch_normalization(
         inputs.shape.rank, [axis] if isinstance(axis, int) else list(axis)
     )
     if virtual_batch_size is not None:
-        if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int) or virtual_batch_size < 2:
+        if (
+            isinstance(virtual_batch_size, bool)
+            or not isinstance(virtual_batch_size, int)
+            or virtual_batch_size < 2
+        ):
             raise ValueError(
                 f"`virtual_batch_size` must be an int >= 2 or None; received {virtual_batch_size!r}."
             )

@@ -11,7 +11,7 @@ finds a train op that misses some before the first step runs.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from collections.abc import Sequence
 
 import tensorflow as tf
 
@@ -41,8 +41,8 @@ def _ancestors(op: tf.Operation) -> set:
 
 
 def check_update_dependencies(
-    train_op, scope: Optional[str] = None, collection: str = UPDATE_OPS
-) -> List[tf.Operation]:
+    train_op, scope: str | None = None, collection: str = UPDATE_OPS
+) -> list[tf.Operation]:
     """Raises unless every update op in `scope` runs whenever `train_op` runs.
 
     Call it once after building the train op and before the first
@@ -81,7 +81,7 @@ def check_update_dependencies(
     return update_ops
 
 
-def _resolve_var_list(var_list, graph) -> Optional[List[tf.Variable]]:
+def _resolve_var_list(var_list, graph) -> list[tf.Variable] | None:
     """Variables as given, or every trainable variable under each scope string."""
     if var_list is None:
         return None
@@ -107,11 +107,11 @@ def _resolve_var_list(var_list, graph) -> Optional[List[tf.Variable]]:
 def minimize_with_updates(
     optimizer: tf.compat.v1.train.Optimizer,
     loss: tf.Tensor,
-    var_list: Union[None, str, Sequence] = None,
-    update_scope: Optional[str] = None,
-    global_step: Optional[tf.Variable] = None,
+    var_list: None | str | Sequence = None,
+    update_scope: str | None = None,
+    global_step: tf.Variable | None = None,
     collection: str = UPDATE_OPS,
-    name: Optional[str] = None,
+    name: str | None = None,
 ) -> tf.Operation:
     """`optimizer.minimize` with the BN update ops of one scope as dependencies.
 

@@ -20,11 +20,11 @@ has three quirks that this module hides from the layer:
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import tensorflow as tf
 
-from tfbn import moments as moments_lib
+from tfbn.nn import moments as moments_lib
 
 # Input dtypes the kernel takes with float32 scale, offset and statistics.
 SUPPORTED_DTYPES = (tf.float32, tf.float16, tf.bfloat16)
@@ -33,7 +33,7 @@ SUPPORTED_DTYPES = (tf.float32, tf.float16, tf.bfloat16)
 _ILL_CONDITIONED_RATIO = 100.0
 
 
-def layout(rank: int, feature_axis: int) -> Optional[Tuple[str, Optional[int]]]:
+def layout(rank: int, feature_axis: int) -> tuple[str, int | None] | None:
     """How an input of `rank` with one feature axis reaches the kernel.
 
     Args:
@@ -59,7 +59,7 @@ def layout(rank: int, feature_axis: int) -> Optional[Tuple[str, Optional[int]]]:
     return None
 
 
-def to_kernel_rank(x: tf.Tensor, expand_axis: Optional[int]) -> tf.Tensor:
+def to_kernel_rank(x: tf.Tensor, expand_axis: int | None) -> tf.Tensor:
     """Inserts the size-1 axes that make `x` rank 4 (a free reshape)."""
     if expand_axis is None:
         return x
@@ -101,9 +101,7 @@ def _run_kernel(x, scale, offset, epsilon, data_format):
 
 def _ill_conditioned(mean: tf.Tensor, variance: tf.Tensor) -> tf.Tensor:
     # Written so that NaN (an empty batch) and negative variances count too.
-    return tf.logical_not(
-        tf.reduce_all(mean * mean <= _ILL_CONDITIONED_RATIO * variance)
-    )
+    return tf.logical_not(tf.reduce_all(mean * mean <= _ILL_CONDITIONED_RATIO * variance))
 
 
 def batch_norm_training(
@@ -164,4 +162,3 @@ def batch_norm_training(
     count = tf.cast(tf.size(x) // tf.maximum(channels, 1), tf.float32)
     variance = unbiased_variance * tf.math.divide_no_nan(count - 1.0, count)
     return y, tf.stop_gradient(mean), tf.stop_gradient(variance), count
-

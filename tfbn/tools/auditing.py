@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import List, Optional
 
 import numpy as np
 
-from tfbn import _bn_layers
-from tfbn import population_statistics
+from tfbn.layers import introspection
+from tfbn.tools import model_graph, population_statistics
 
 SEVERITIES = ("error", "warning", "info")
 _EPSILON_RANGE = (1e-6, 1e-2)
@@ -59,7 +58,7 @@ class Finding:
 class AuditReport:
     """The findings of `audit`, most severe first."""
 
-    findings: List[Finding]
+    findings: list[Finding]
 
     def count(self, severity: str) -> int:
         """How many findings have `severity`."""
@@ -70,9 +69,7 @@ class AuditReport:
     def to_text(self) -> str:
         """A plain-text table: severity, layer, check, message."""
         header = ("SEVERITY", "LAYER", "CHECK", "MESSAGE")
-        rows = [header] + [
-            (f.severity, f.layer, f.check, f.message) for f in self.findings
-        ]
+        rows = [header] + [(f.severity, f.layer, f.check, f.message) for f in self.findings]
         widths = [max(len(row[column]) for row in rows) for column in range(3)]
         lines = [
             "  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths)) + "  " + row[3]
@@ -97,7 +94,7 @@ class AuditReport:
 def audit(
     model,
     dataset=None,
-    num_batches: Optional[int] = None,
+    num_batches: int | None = None,
     mean_tolerance: float = 0.1,
     variance_tolerance: float = 0.25,
 ) -> AuditReport:
@@ -118,8 +115,8 @@ def audit(
     Returns:
         An `AuditReport`; nothing in the model is changed.
     """
-    findings: List[Finding] = []
-    layers = _bn_layers.batch_norm_layers(model)
+    findings: list[Finding] = []
+    layers = introspection.batch_norm_layers(model)
     for layer in layers:
         findings.extend(_layer_findings(layer))
     findings.extend(_graph_findings(model))
@@ -127,16 +124,14 @@ def audit(
         moments = population_statistics.population_moments(model, dataset, num_batches)
         for layer in layers:
             if layer.path in moments and layer.built:
-                finding = _mismatch(
-                    layer, moments[layer.path], mean_tolerance, variance_tolerance
-                )
+                finding = _mismatch(layer, moments[layer.path], mean_tolerance, variance_tolerance)
                 if finding is not None:
                     findings.append(finding)
     findings.sort(key=lambda f: SEVERITIES.index(f.severity))
     return AuditReport(findings)
 
 
-def _layer_findings(layer) -> List[Finding]:
+def _layer_findings(layer) -> list[Finding]:
     path = layer.path
     if not layer.built:
         return [Finding(path, "not_built", "info", "Not built yet; statistics not checked.")]
@@ -170,7 +165,7 @@ def _layer_findings(layer) -> List[Finding]:
                 "Run tfbn.recompute_statistics.",
             )
         )
-    initial_mean, initial_variance = _bn_layers.initial_moving_statistics(layer)
+    initial_mean, initial_variance = introspection.initial_moving_statistics(layer)
     tracked = getattr(layer, "num_batches_tracked", None)
     if (
         np.array_equal(mean, initial_mean)
@@ -203,7 +198,7 @@ def _layer_findings(layer) -> List[Finding]:
     return findings
 
 
-def _momentum_findings(layer) -> List[Finding]:
+def _momentum_findings(layer) -> list[Finding]:
     momentum = layer.momentum
     if momentum is None:
         return []
@@ -232,9 +227,9 @@ def _momentum_findings(layer) -> List[Finding]:
     return []
 
 
-def _graph_findings(model) -> List[Finding]:
+def _graph_findings(model) -> list[Finding]:
     try:
-        sites = _bn_layers.batch_norm_sites(model, recursive=True)
+        sites = model_graph.batch_norm_sites(model, recursive=True)
     except (TypeError, ValueError) as error:
         return [Finding(model.name, "graph_checks_skipped", "info", str(error))]
     findings = []
@@ -255,7 +250,7 @@ def _graph_findings(model) -> List[Finding]:
     return findings
 
 
-def _training_flag_findings(site) -> List[Finding]:
+def _training_flag_findings(site) -> list[Finding]:
     bn, training = site.batch_norm, site.training_argument
     if training is True and bn.trainable:
         return [
@@ -292,9 +287,9 @@ def _training_flag_findings(site) -> List[Finding]:
     return []
 
 
-def _mismatch(layer, moments, mean_tolerance, variance_tolerance) -> Optional[Finding]:
+def _mismatch(layer, moments, mean_tolerance, variance_tolerance) -> Finding | None:
     epsilon = layer.epsilon
-    expected_variance = moments.stored_variance(_bn_layers.variance_estimator(layer))
+    expected_variance = moments.stored_variance(introspection.variance_estimator(layer))
     mean = layer.moving_mean.numpy().astype(np.float64)
     variance = layer.moving_variance.numpy().astype(np.float64)
     mean_error = np.abs(mean - moments.mean) / np.sqrt(expected_variance + epsilon)

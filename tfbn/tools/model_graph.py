@@ -1,23 +1,17 @@
-"""Uniform access to tfbn and stock Keras BN layers, and to where they sit in a graph.
+"""Where BN layers sit in a Functional or Sequential graph, and what they can fold into.
 
-The inference tools (folding, population statistics, conversion, audit) treat
-`tfbn.BatchNormalization` and `keras.layers.BatchNormalization` alike. This
-private module is the one place that knows how to read either layer's feature
-axes, inference constants and variance convention, and how to find the layer
-that produces a BN layer's input in a Functional or Sequential model.
+Folding, population statistics and the audit walk the model graph: which
+layer produces a BN layer's input, whether that producer can absorb the BN's
+affine map, and in which order the BN layers depend on one another.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Tuple
 
 import keras
-import numpy as np
 
-from tfbn.layers.batch_normalization import BatchNormalization as TfbnBatchNormalization
-
-BATCH_NORM_TYPES = (TfbnBatchNormalization, keras.layers.BatchNormalization)
+from tfbn.layers.introspection import feature_axes, is_batch_norm
 
 # Layers whose kernel and bias can absorb a following BN, with the attribute
 # holding the kernel whose last axis indexes the output channels.
@@ -34,71 +28,7 @@ _FOLDABLE_KERNELS = (
 FOLDABLE_TYPE_NAMES = "Conv1D/2D/3D, DepthwiseConv1D/2D, SeparableConv1D/2D or Dense"
 
 
-def is_batch_norm(layer) -> bool:
-    """Whether `layer` is a tfbn or stock Keras BatchNormalization layer."""
-    return isinstance(layer, BATCH_NORM_TYPES)
-
-
-def feature_axes(layer, rank: int) -> List[int]:
-    """The layer's feature axes as sorted non-negative ints for inputs of `rank`."""
-    axes = [layer.axis] if isinstance(layer.axis, int) else list(layer.axis)
-    return sorted(axis % rank for axis in axes)
-
-
-def variance_estimator(layer) -> str:
-    """`"biased"` or `"unbiased"`: how the layer stores its moving variance.
-
-    Stock Keras 3 layers store the biased (divide by n) batch variance.
-    """
-    return getattr(layer, "moving_variance_estimator", "biased")
-
-
-def param_shape(layer) -> Tuple[int, ...]:
-    return tuple(layer.moving_mean.shape)
-
-
-def inference_scale_shift(layer) -> Tuple[np.ndarray, np.ndarray]:
-    """The per-feature constants of inference mode, `y = x * a + b`, in float64.
-
-    `a = gamma / sqrt(moving_variance + epsilon)` and
-    `b = beta - moving_mean * a` (seed 000's precomputed scale and shift);
-    a layer without `scale` has gamma 1, one without `center` has beta 0.
-    Float64 keeps the folded constants as accurate as float32 allows.
-    """
-    if not layer.built:
-        raise ValueError(
-            f"BatchNormalization layer {layer.name!r} is not built, so it has no "
-            "statistics yet. Call the model on data (or build it) first."
-        )
-    mean = np.asarray(layer.moving_mean.numpy(), np.float64)
-    variance = np.asarray(layer.moving_variance.numpy(), np.float64)
-    gamma = np.asarray(layer.gamma.numpy(), np.float64) if layer.scale else np.ones_like(mean)
-    beta = np.asarray(layer.beta.numpy(), np.float64) if layer.center else np.zeros_like(mean)
-    scale = gamma / np.sqrt(variance + float(layer.epsilon))
-    return scale, beta - mean * scale
-
-
-def initial_moving_statistics(layer) -> Tuple[np.ndarray, np.ndarray]:
-    """What the layer's moving mean and variance were initialised to."""
-    shape = param_shape(layer)
-    mean = layer.moving_mean_initializer(shape, dtype="float32")
-    variance = layer.moving_variance_initializer(shape, dtype="float32")
-    return np.asarray(mean), np.asarray(variance)
-
-
-def iter_layers(model) -> List[keras.layers.Layer]:
-    """Every layer inside `model` (nested models and sublayers too), each once."""
-    if not isinstance(model, keras.layers.Layer):
-        return []  # A non-layer operation, e.g. `keras.ops.add`.
-    return model._flatten_layers(include_self=False, recursive=True)
-
-
-def batch_norm_layers(model) -> List[keras.layers.Layer]:
-    """The BN layers of `model` (nested ones included), in layer order."""
-    return [layer for layer in iter_layers(model) if is_batch_norm(layer)]
-
-
-def foldable_kernel_name(layer) -> Optional[str]:
+def foldable_kernel_name(layer) -> str | None:
     """The kernel attribute a following BN folds into, or None if not foldable."""
     for layer_type, kernel_name in _FOLDABLE_KERNELS:
         if isinstance(layer, layer_type):
@@ -137,7 +67,7 @@ def graph_of(model):
     return model
 
 
-def graph_nodes(graph) -> List:
+def graph_nodes(graph) -> list:
     """The graph's call nodes (input nodes excluded) in topological order."""
     nodes = []
     for depth in sorted(graph._nodes_by_depth, reverse=True):
@@ -166,12 +96,12 @@ class BatchNormSite:
 
     batch_norm: keras.layers.Layer
     node: object
-    producer: Optional[keras.layers.Layer]
-    fold_blocker: Optional[str]
-    training_argument: Optional[bool]
+    producer: keras.layers.Layer | None
+    fold_blocker: str | None
+    training_argument: bool | None
 
 
-def batch_norm_sites(model, recursive: bool = False) -> List[BatchNormSite]:
+def batch_norm_sites(model, recursive: bool = False) -> list[BatchNormSite]:
     """Finds every BN call in the model graph and decides if it is foldable.
 
     A BN call folds into its producer only if the producer is a
@@ -189,8 +119,8 @@ def batch_norm_sites(model, recursive: bool = False) -> List[BatchNormSite]:
     """
     graph = graph_of(model)
     nodes = graph_nodes(graph)
-    calls: Dict[int, int] = {}
-    consumers: Dict[int, int] = {}
+    calls: dict[int, int] = {}
+    consumers: dict[int, int] = {}
     for node in nodes:
         calls[id(node.operation)] = calls.get(id(node.operation), 0) + 1
         for tensor in node.input_tensors:
@@ -225,7 +155,7 @@ def batch_norm_sites(model, recursive: bool = False) -> List[BatchNormSite]:
     return sites
 
 
-def _fold_blocker(bn, tensor, producer, calls, consumers, num_inputs) -> Optional[str]:
+def _fold_blocker(bn, tensor, producer, calls, consumers, num_inputs) -> str | None:
     if calls[id(bn)] > 1:
         return f"the BN layer is shared (called {calls[id(bn)]} times)"
     if num_inputs > 1:

@@ -18,7 +18,7 @@ Two choices make the statistics trustworthy:
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import tensorflow as tf
 
@@ -86,7 +86,7 @@ def replica_context():
 def batch_moments(
     x: tf.Tensor,
     reduction_axes: Sequence[int],
-    mask: Optional[tf.Tensor] = None,
+    mask: tf.Tensor | None = None,
     synchronized: bool = False,
 ) -> BatchMoments:
     """Computes the float32 mean and biased variance of a batch.

@@ -17,16 +17,16 @@ numbers. TF1.x's zero-debiased renorm statistics (`renorm_mean_weight`,
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Optional, Tuple
+from collections.abc import Mapping
 
 import tensorflow as tf
 
-from tfbn import moving_averages
+from tfbn.nn import moving_averages
 
 CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 
 
-def validate_clipping(renorm_clipping: Optional[Mapping]) -> dict:
+def validate_clipping(renorm_clipping: Mapping | None) -> dict:
     """Checks a `renorm_clipping` dict; returns a copy (`{}` for None).
 
     Args:
@@ -63,7 +63,7 @@ def correction(
     renorm_stddev: tf.Tensor,
     epsilon: float,
     clipping: Mapping,
-) -> Tuple[tf.Tensor, tf.Tensor]:
+) -> tuple[tf.Tensor, tf.Tensor]:
     """The correction `(r, d)` of one batch, clipped, without gradient.
 
     Args:
@@ -108,10 +108,10 @@ def updated_statistics(
     variance: tf.Tensor,
     *,
     epsilon: float,
-    momentum: Optional[float],
+    momentum: float | None,
     renorm_momentum: float,
     valid: tf.Tensor,
-    num_batches: Optional[tf.Tensor] = None,
+    num_batches: tf.Tensor | None = None,
 ) -> RenormStatistics:
     """The new values of the renorm moving statistics after one batch.
 

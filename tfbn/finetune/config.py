@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Callable, Dict, Optional, Tuple
+from collections.abc import Callable
 
 FROZEN_BN_MODES = ("inference", "batch", "adapt")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop")
@@ -20,7 +20,7 @@ STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Everything one training run needs; see `tfbn/flags.py` for the help texts.
+    """Everything one training run needs; see `tfbn/finetune/flags.py` for the help texts.
 
     Pattern fields are tuples of regexes `re.match`-ed against Keras variable
     paths (`backbone/conv1/kernel`); an empty `update_part` means the whole
@@ -30,9 +30,9 @@ class TrainConfig:
     model_dir: str
     model: str = "tiny_darknet"
     dataset: str = "tfbn_shapes/source"
-    data_dir: Optional[str] = None
+    data_dir: str | None = None
     train_split: str = "train"
-    eval_split: Optional[str] = None
+    eval_split: str | None = None
     image_size: int = 32
     batch_size: int = 32
     train_steps: int = 200
@@ -40,15 +40,15 @@ class TrainConfig:
     learning_rate: float = 0.05
     lr_schedule: str = "cosine"
     weight_decay: float = 0.0
-    init_checkpoint: Optional[str] = None
-    restore_part: Tuple[str, ...] = ()
-    restore_exclude: Tuple[str, ...] = ()
-    update_part: Tuple[str, ...] = ()
-    freeze_part: Tuple[str, ...] = ()
+    init_checkpoint: str | None = None
+    restore_part: tuple[str, ...] = ()
+    restore_exclude: tuple[str, ...] = ()
+    update_part: tuple[str, ...] = ()
+    freeze_part: tuple[str, ...] = ()
     frozen_bn_mode: str = "inference"
     freeze_batchnorm: bool = False
-    bn_momentum: Optional[float] = None
-    bn_epsilon: Optional[float] = None
+    bn_momentum: float | None = None
+    bn_epsilon: float | None = None
     checkpoint_interval: int = 100
     max_to_keep: int = 3
     eval_interval: int = 0
@@ -57,7 +57,7 @@ class TrainConfig:
     seed: int = 0
     verbose: int = 1
     dry_run: bool = False
-    export_dir: Optional[str] = None
+    export_dir: str | None = None
     export: bool = True
     strategy: str = "default"
     num_cpu_devices: int = 0
@@ -96,26 +96,26 @@ class TrainConfig:
         return self.export_dir or os.path.join(self.model_dir, "export")
 
 
-def _positive_int(value) -> Optional[str]:
+def _positive_int(value) -> str | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         return "must be an integer >= 1"
     return None
 
 
-def _non_negative_int(value) -> Optional[str]:
+def _non_negative_int(value) -> str | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         return "must be an integer >= 0 (0 disables it)"
     return None
 
 
-def _choice(choices) -> Callable[[object], Optional[str]]:
+def _choice(choices) -> Callable[[object], str | None]:
     def check(value):
         return None if value in choices else f"must be one of {list(choices)}"
 
     return check
 
 
-def _patterns(value) -> Optional[str]:
+def _patterns(value) -> str | None:
     for pattern in value or ():
         try:
             re.compile(pattern)
@@ -126,25 +126,25 @@ def _patterns(value) -> Optional[str]:
     return None
 
 
-def _model_dir(value) -> Optional[str]:
+def _model_dir(value) -> str | None:
     return None if value else "is required: the directory for checkpoints, logs and reports"
 
 
-def _batch_size(value) -> Optional[str]:
+def _batch_size(value) -> str | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 2:
         return "must be an integer >= 2 (batch statistics need two samples)"
     return None
 
 
-def _learning_rate(value) -> Optional[str]:
+def _learning_rate(value) -> str | None:
     return None if value > 0 else "must be > 0"
 
 
-def _weight_decay(value) -> Optional[str]:
+def _weight_decay(value) -> str | None:
     return None if value >= 0 else "must be >= 0"
 
 
-def _bn_momentum(value) -> Optional[str]:
+def _bn_momentum(value) -> str | None:
     if value is None or 0.0 <= value < 1.0:
         return None
     return (
@@ -153,21 +153,25 @@ def _bn_momentum(value) -> Optional[str]:
     )
 
 
-def _bn_epsilon(value) -> Optional[str]:
+def _bn_epsilon(value) -> str | None:
     return None if value is None or value > 0 else "must be > 0"
 
 
-def _image_size(value) -> Optional[str]:
+def _image_size(value) -> str | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 8:
         return "must be an integer >= 8"
     return None
 
 
-def _verbose(value) -> Optional[str]:
-    return None if value in (0, 1, 2) else "must be 0 (quiet), 1 (progress bar) or 2 (one line per log)"
+def _verbose(value) -> str | None:
+    return (
+        None
+        if value in (0, 1, 2)
+        else "must be 0 (quiet), 1 (progress bar) or 2 (one line per log)"
+    )
 
 
-FIELD_CHECKS: Dict[str, Callable[[object], Optional[str]]] = {
+FIELD_CHECKS: dict[str, Callable[[object], str | None]] = {
     "model_dir": _model_dir,
     "image_size": _image_size,
     "batch_size": _batch_size,

@@ -5,8 +5,6 @@ Shared by the Keras layer and `tfbn.compat.v1` so both produce the same bits.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import tensorflow as tf
 
 
@@ -36,7 +34,7 @@ def cumulative_average(moving, batch, num_batches):
     return moving + (batch - moving) / seen
 
 
-def update_moving_statistic(moving, batch, momentum: Optional[float], num_batches=None):
+def update_moving_statistic(moving, batch, momentum: float | None, num_batches=None):
     """Dispatches between the exponential (float momentum) and cumulative (None) rules."""
     if momentum is None:
         return cumulative_average(moving, batch, num_batches)

@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Dict, List, Sequence, Tuple
+from collections.abc import Sequence
 
 import keras
 
-from tfbn import _bn_layers
+from tfbn.layers import introspection
 
 # The BN layer types the trainer knows how to freeze and update.
 
 MODE_TRAIN = "train"
 
 
-def known_prefixes(paths: Sequence[str], depth: int = 2) -> List[str]:
+def known_prefixes(paths: Sequence[str], depth: int = 2) -> list[str]:
     """The distinct path prefixes up to `depth` components, for error messages."""
     prefixes = set()
     for path in paths:
@@ -31,7 +31,7 @@ def known_prefixes(paths: Sequence[str], depth: int = 2) -> List[str]:
     return sorted(prefixes) or sorted(paths)
 
 
-def matching(paths: Sequence[str], patterns: Sequence[str], flag_name: str) -> List[str]:
+def matching(paths: Sequence[str], patterns: Sequence[str], flag_name: str) -> list[str]:
     """The paths that `re.match` at least one pattern, in their original order.
 
     Args:
@@ -62,22 +62,16 @@ def select(
     exclude: Sequence[str],
     include_flag: str,
     exclude_flag: str,
-) -> List[str]:
+) -> list[str]:
     """`include` (all paths when empty) minus `exclude`, both strictly matched."""
     chosen = set(matching(paths, include, include_flag)) if include else set(paths)
     dropped = set(matching(paths, exclude, exclude_flag))
     return [path for path in paths if path in chosen and path not in dropped]
 
 
-def batch_norm_layers(model: keras.Model) -> List[keras.layers.Layer]:
+def batch_norm_layers(model: keras.Model) -> list[keras.layers.Layer]:
     """Every built BN layer (tfbn or stock Keras) in `model`, nested ones included."""
-    return [layer for layer in _bn_layers.batch_norm_layers(model) if layer.built]
-
-
-def bn_variables(layer) -> Dict[str, object]:
-    """A BN layer's gamma, beta, moving_mean and moving_variance (those it has)."""
-    names = ("gamma", "beta", "moving_mean", "moving_variance")
-    return {name: getattr(layer, name) for name in names if getattr(layer, name, None) is not None}
+    return [layer for layer in introspection.batch_norm_layers(model) if layer.built]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,9 +87,9 @@ class UpdatePlan:
             layers in the update set, else the `--frozen_bn_mode`.
     """
 
-    update_variables: Tuple[object, ...]
-    frozen_variables: Tuple[object, ...]
-    bn_modes: Tuple[Tuple[object, str], ...]
+    update_variables: tuple[object, ...]
+    frozen_variables: tuple[object, ...]
+    bn_modes: tuple[tuple[object, str], ...]
 
 
 def plan_update(

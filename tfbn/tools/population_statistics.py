@@ -36,14 +36,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Dict, List, Optional
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from tfbn import _bn_layers
-from tfbn import moments as moments_lib
+from tfbn.layers import introspection
+from tfbn.nn import moments as moments_lib
+from tfbn.tools import model_graph
 
 _LOG = logging.getLogger(__name__)
 
@@ -102,8 +102,8 @@ class _Pool:
 
 
 def recompute_statistics(
-    model, dataset, num_batches: Optional[int] = None, progress: bool = True
-) -> Dict[str, PopulationMoments]:
+    model, dataset, num_batches: int | None = None, progress: bool = True
+) -> dict[str, PopulationMoments]:
     """Sets every BN layer's moving statistics to the dataset's population statistics.
 
     Args:
@@ -129,7 +129,7 @@ def recompute_statistics(
             `num_batches`, an empty dataset, or one shorter than `num_batches`
             (checked before any statistic is changed).
     """
-    layers = _bn_layers.batch_norm_layers(model)
+    layers = introspection.batch_norm_layers(model)
     if not layers:
         raise ValueError(
             f"Model {model.name!r} has no BatchNormalization layer (tfbn or Keras); "
@@ -170,8 +170,8 @@ def recompute_statistics(
 
 
 def population_moments(
-    model, dataset, num_batches: Optional[int] = None, progress: bool = False
-) -> Dict[str, PopulationMoments]:
+    model, dataset, num_batches: int | None = None, progress: bool = False
+) -> dict[str, PopulationMoments]:
     """The pooled statistics of every BN layer's input in one inference pass.
 
     Unlike `recompute_statistics` this changes nothing: each layer's input is
@@ -182,7 +182,7 @@ def population_moments(
         A dict from BN layer path to `PopulationMoments`.
     """
     _check_dataset(dataset, num_batches)
-    layers = _bn_layers.batch_norm_layers(model)
+    layers = introspection.batch_norm_layers(model)
     pools, _, _ = _collect(model, dataset, layers, num_batches, progress, "statistics")
     return {layer.path: pools[id(layer)].result() for layer in layers if id(layer) in pools}
 
@@ -217,8 +217,8 @@ def _collect(model, dataset, layers, num_batches, progress, title):
         recorded layers in the order they were first called, and the number
         of batches run.
     """
-    pools: Dict[int, _Pool] = {}
-    order: List = []
+    pools: dict[int, _Pool] = {}
+    order: list = []
     originals = {}
 
     def recorder(layer, call):
@@ -254,7 +254,7 @@ def _collect(model, dataset, layers, num_batches, progress, title):
     return pools, order, batches
 
 
-def _expected_batches(dataset, num_batches) -> Optional[int]:
+def _expected_batches(dataset, num_batches) -> int | None:
     """The progress bar's target: num_batches, else the dataset's length if known."""
     if isinstance(dataset, tf.data.Dataset):
         cardinality = int(dataset.cardinality())
@@ -269,14 +269,14 @@ def _expected_batches(dataset, num_batches) -> Optional[int]:
 def _record(layer, inputs, mask, pools, order):
     x = tf.convert_to_tensor(inputs)
     rank = x.shape.rank
-    axes = _bn_layers.feature_axes(layer, rank)
+    axes = introspection.feature_axes(layer, rank)
     if mask is not None:
         mask = tf.cast(mask, tf.float32)
         for axis in axes:
             mask = tf.expand_dims(mask, axis)
     reduction = [axis for axis in range(rank) if axis not in axes]
     stats = moments_lib.batch_moments(x, reduction, mask=mask)
-    shape = _bn_layers.param_shape(layer)
+    shape = introspection.param_shape(layer)
     if id(layer) not in pools:
         pools[id(layer)] = _Pool(shape)
         order.append(layer)
@@ -290,7 +290,7 @@ def _record(layer, inputs, mask, pools, order):
 
 
 def _assign(layer, moments: PopulationMoments):
-    estimator = _bn_layers.variance_estimator(layer)
+    estimator = introspection.variance_estimator(layer)
     variance = moments.stored_variance(estimator)
     layer.moving_mean.assign(moments.mean.astype(np.float32))
     layer.moving_variance.assign(variance.astype(np.float32))
@@ -304,10 +304,10 @@ def _assign(layer, moments: PopulationMoments):
         layer.num_batches_tracked.assign(moments.num_calls)
 
 
-def _dependency_levels(model, order) -> List[List]:
+def _dependency_levels(model, order) -> list[list]:
     """Groups the called BN layers into passes: each layer after all its upstream BN."""
     upstream = _upstream_batch_norms(model)
-    level_of: Dict[int, int] = {}
+    level_of: dict[int, int] = {}
     for position, layer in enumerate(order):
         deps = upstream.get(id(layer))
         if deps is None:
@@ -315,20 +315,20 @@ def _dependency_levels(model, order) -> List[List]:
         else:
             earlier = [dep for dep in deps if dep in level_of]
         level_of[id(layer)] = 1 + max((level_of[dep] for dep in earlier), default=0)
-    levels: List[List] = [[] for _ in range(max(level_of.values()))]
+    levels: list[list] = [[] for _ in range(max(level_of.values()))]
     for layer in order:
         levels[level_of[id(layer)] - 1].append(layer)
     return levels
 
 
-def _upstream_batch_norms(model) -> Dict[int, Optional[set]]:
+def _upstream_batch_norms(model) -> dict[int, set | None]:
     """For each BN layer id, the ids of BN layers its input depends on.
 
     None marks a layer whose dependencies the graph does not show.
     """
-    upstream: Dict[int, Optional[set]] = {}
+    upstream: dict[int, set | None] = {}
     try:
-        graph = _bn_layers.graph_of(model)
+        graph = model_graph.graph_of(model)
     except (TypeError, ValueError):
         return upstream
     _propagate(graph, [set() for _ in graph.inputs], upstream)
@@ -337,10 +337,10 @@ def _upstream_batch_norms(model) -> Dict[int, Optional[set]]:
 
 def _propagate(graph, input_reach, upstream) -> set:
     reach = {id(tensor): deps for tensor, deps in zip(graph.inputs, input_reach)}
-    for node in _bn_layers.graph_nodes(graph):
+    for node in model_graph.graph_nodes(graph):
         incoming = set().union(*(reach.get(id(t), set()) for t in node.input_tensors))
         operation = node.operation
-        if _bn_layers.is_batch_norm(operation):
+        if introspection.is_batch_norm(operation):
             known = upstream.get(id(operation), set())
             upstream[id(operation)] = None if known is None else known | incoming
             produced = incoming | {id(operation)}
@@ -355,13 +355,13 @@ def _propagate_into(operation, incoming, upstream) -> set:
     """The BN layers inside a non-BN operation, recording their dependencies."""
     if isinstance(operation, keras.Model):
         try:
-            graph = _bn_layers.graph_of(operation)
+            graph = model_graph.graph_of(operation)
         except (TypeError, ValueError):
             graph = None
         if graph is not None:
             # Conservative: every inner input depends on all outer inputs.
             return _propagate(graph, [incoming for _ in graph.inputs], upstream)
-    hidden = _bn_layers.batch_norm_layers(operation)
+    hidden = introspection.batch_norm_layers(operation)
     for layer in hidden:
         upstream[id(layer)] = None
     return {id(layer) for layer in hidden}

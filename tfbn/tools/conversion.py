@@ -21,12 +21,12 @@ Both frameworks normalize with the stored variance as is at inference, so
 from __future__ import annotations
 
 import warnings
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 import keras
 import numpy as np
 
-from tfbn import _bn_layers
+from tfbn.layers import introspection
 from tfbn.layers.batch_normalization import BatchNormalization as TfbnBatchNormalization
 
 _TARGETS = ("tfbn", "keras")
@@ -60,7 +60,7 @@ def convert_batch_norm(model, to: str):
         raise ValueError(f"`to` must be one of {_TARGETS}; received {to!r}.")
     source = keras.layers.BatchNormalization if to == "tfbn" else TfbnBatchNormalization
     if to == "keras":
-        for layer in _bn_layers.batch_norm_layers(model):
+        for layer in introspection.batch_norm_layers(model):
             if isinstance(layer, TfbnBatchNormalization):
                 _check_keras_compatible(layer)
     copies = []
@@ -111,7 +111,7 @@ def _converted(layer, to: str):
 def load_torch_batch_norm_state(
     layer,
     state_dict: Mapping[str, object],
-    torch_momentum: Optional[float] = 0.1,
+    torch_momentum: float | None = 0.1,
     torch_eps: float = 1e-5,
     prefix: str = "",
 ) -> None:
@@ -145,14 +145,14 @@ def load_torch_batch_norm_state(
             unexpected keys, or shapes that do not match the layer.
         TypeError: For a layer that is not a BN layer.
     """
-    if not _bn_layers.is_batch_norm(layer):
+    if not introspection.is_batch_norm(layer):
         raise TypeError(f"`layer` must be a BatchNormalization layer; received {layer!r}.")
     if not layer.built:
         raise ValueError(
             f"Layer {layer.name!r} is not built; call layer.build(input_shape) "
             "(or the model on data) before loading a state dict."
         )
-    if len(_bn_layers.param_shape(layer)) != 1:
+    if len(introspection.param_shape(layer)) != 1:
         raise ValueError(
             f"Layer {layer.name!r} normalizes several axes ({layer.axis!r}); a PyTorch "
             "BN has one channel axis. Use a single-axis layer."
@@ -177,7 +177,7 @@ def load_torch_batch_norm_state(
     if layer.center:
         targets["bias"] = layer.beta
     tracked = getattr(layer, "num_batches_tracked", None)
-    names = {key[len(prefix):] for key in state_dict if key.startswith(prefix)}
+    names = {key[len(prefix) :] for key in state_dict if key.startswith(prefix)}
     missing = sorted(set(targets) - names)
     unexpected = sorted(names - set(targets) - {"num_batches_tracked"})
     if missing or unexpected:
@@ -200,7 +200,7 @@ def load_torch_batch_norm_state(
         variable.assign(values[name])
     if tracked is not None and prefix + "num_batches_tracked" in state_dict:
         tracked.assign(int(np.asarray(state_dict[prefix + "num_batches_tracked"])))
-    if _bn_layers.variance_estimator(layer) == "biased":
+    if introspection.variance_estimator(layer) == "biased":
         warnings.warn(
             f"Layer {layer.name!r} stores the biased moving variance while PyTorch "
             "stores the unbiased one: inference is identical, but further training "

@@ -1,9 +1,9 @@
 """Command line for the BN inference tools, on saved `.keras` models.
 
-    python -m tfbn.tools_cli fold MODEL.keras OUT.keras
-    python -m tfbn.tools_cli recompute-statistics MODEL.keras OUT.keras --data x.npy
-    python -m tfbn.tools_cli convert MODEL.keras OUT.keras --to tfbn
-    python -m tfbn.tools_cli audit MODEL.keras [--data x.npz] [--format json]
+    python -m tfbn.tools fold MODEL.keras OUT.keras
+    python -m tfbn.tools recompute-statistics MODEL.keras OUT.keras --data x.npy
+    python -m tfbn.tools convert MODEL.keras OUT.keras --to tfbn
+    python -m tfbn.tools audit MODEL.keras [--data x.npz] [--format json]
 
 `--data` is a `.npy` array of model inputs, or a `.npz` archive read with
 `--data-key` (default: its only array); it is cut into `--batch-size` batches.
@@ -13,19 +13,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import List, Optional
 
 import keras
 import numpy as np
 
 import tfbn  # noqa: F401  Registers tfbn's layers for loading.
-from tfbn import auditing
-from tfbn import conversion
-from tfbn import folding
-from tfbn import population_statistics
+from tfbn.tools import auditing, conversion, folding, population_statistics
 
 
-def load_batches(path: str, batch_size: int, key: Optional[str] = None) -> List[np.ndarray]:
+def load_batches(path: str, batch_size: int, key: str | None = None) -> list[np.ndarray]:
     """Reads model inputs from `.npy`/`.npz` and splits them into batches.
 
     Raises:
@@ -98,7 +94,7 @@ def _add_data_arguments(parser, required: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m tfbn.tools_cli", description=__doc__.split("\n")[0]
+        prog="python -m tfbn.tools", description=__doc__.split("\n")[0]
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -134,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Runs one subcommand; returns the process exit status."""
     args = build_parser().parse_args(argv)
     return args.run(args)

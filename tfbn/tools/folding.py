@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import List, Optional
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from tfbn import _bn_layers
+from tfbn.layers import introspection
+from tfbn.tools import model_graph
 
 _LOG = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class ChannelAffine(keras.layers.Layer):
 
     def build(self, input_shape):
         rank = len(input_shape)
-        self._feature_axes = _bn_layers.feature_axes(self, rank)
+        self._feature_axes = introspection.feature_axes(self, rank)
         shape = tuple(int(input_shape[axis]) for axis in self._feature_axes)
         self._broadcast_shape = [1] * rank
         for axis, size in zip(self._feature_axes, shape):
@@ -81,8 +81,8 @@ class FoldDecision:
     """
 
     batch_norm: str
-    folded_into: Optional[str]
-    reason: Optional[str]
+    folded_into: str | None
+    reason: str | None
 
 
 def fold_batch_norm(model, return_report: bool = False):
@@ -112,7 +112,7 @@ def fold_batch_norm(model, return_report: bool = False):
         TypeError: For a subclassed model.
         ValueError: For an unbuilt Sequential model.
     """
-    decisions: List[FoldDecision] = []
+    decisions: list[FoldDecision] = []
     folded = _fold(model, decisions)
     for decision in decisions:
         if decision.reason is not None:
@@ -121,8 +121,8 @@ def fold_batch_norm(model, return_report: bool = False):
 
 
 def _fold(model, decisions):
-    graph = _bn_layers.graph_of(model)
-    sites = _bn_layers.batch_norm_sites(model)
+    graph = model_graph.graph_of(model)
+    sites = model_graph.batch_norm_sites(model)
     replacements = {}  # id(original operation) -> callable in the new graph
     weight_copies = []  # (original, clone) pairs, weights copied once built
     for site in sites:
@@ -177,8 +177,8 @@ def _clone(operation, decisions, weight_copies):
 
 def _folded_producer(producer, bn):
     """A copy of `producer` with `bn`'s inference map folded into it."""
-    scale, shift = _bn_layers.inference_scale_shift(bn)
-    kernel_name = _bn_layers.foldable_kernel_name(producer)
+    scale, shift = introspection.inference_scale_shift(bn)
+    kernel_name = model_graph.foldable_kernel_name(producer)
     kernel = np.asarray(getattr(producer, kernel_name).numpy(), np.float64)
     if isinstance(producer, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)):
         # Output channel c = input channel i * depth_multiplier + m, and the
@@ -204,7 +204,7 @@ def _folded_producer(producer, bn):
 def _affine_replacement(bn, input_tensor):
     affine = ChannelAffine(axis=bn.axis, name=bn.name)
     affine.build(input_tensor.shape)
-    scale, shift = _bn_layers.inference_scale_shift(bn)
+    scale, shift = introspection.inference_scale_shift(bn)
     affine.scale.assign(scale.astype(np.float32))
     affine.offset.assign(shift.astype(np.float32))
 

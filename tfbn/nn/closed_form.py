@@ -23,16 +23,16 @@ any other per-replica gradient.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
-from tfbn import moments as moments_lib
-from tfbn import renorm as renorm_lib
+from tfbn.nn import moments as moments_lib
+from tfbn.nn import renorm as renorm_lib
 
 # (mean, variance) -> (r, d): Batch Renormalization's correction, treated as
 # a constant by the gradient, as in the paper.
-Correction = Callable[[tf.Tensor, tf.Tensor], Tuple[tf.Tensor, tf.Tensor]]
+Correction = Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
 
 
 def batch_normalize(
@@ -43,9 +43,9 @@ def batch_normalize(
     epsilon: float,
     fallback_mean: tf.Tensor,
     fallback_variance: tf.Tensor,
-    mask: Optional[tf.Tensor] = None,
+    mask: tf.Tensor | None = None,
     synchronized: bool = False,
-    correction: Optional[Correction] = None,
+    correction: Correction | None = None,
 ):
     """Normalizes `x` with its batch statistics; the backward is closed-form.
 
@@ -73,9 +73,7 @@ def batch_normalize(
     # Axes kept in the statistics but broadcast in gamma (the ghost-batch
     # axis): dgamma and dbeta are summed over them as well.
     param_axes = [
-        axis
-        for axis in range(x.shape.rank)
-        if axis not in axes and gamma.shape[axis] == 1
+        axis for axis in range(x.shape.rank) if axis not in axes and gamma.shape[axis] == 1
     ]
 
     # The statistics are computed outside the custom gradient, from a
@@ -138,12 +136,12 @@ def normalize_features(
     feature_axes: Sequence[int],
     epsilon: float,
     *,
-    mask: Optional[tf.Tensor] = None,
-    virtual_batch_size: Optional[int] = None,
+    mask: tf.Tensor | None = None,
+    virtual_batch_size: int | None = None,
     synchronized: bool = False,
-    renorm_statistics: Optional[Tuple[tf.Tensor, tf.Tensor]] = None,
-    renorm_clipping: Optional[dict] = None,
-    adjustment: Optional[Callable] = None,
+    renorm_statistics: tuple[tf.Tensor, tf.Tensor] | None = None,
+    renorm_clipping: dict | None = None,
+    adjustment: Callable | None = None,
 ):
     """The general path for parameter-shaped weights, as layers hold them.
 
