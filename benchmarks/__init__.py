@@ -1,1 +1,4 @@
-"""Side-by-side speed benchmarks of tfbn; `python -m benchmarks.run_all` regenerates BENCHMARKS.md."""
+"""Side-by-side speed benchmarks of tfbn.
+
+`python -m benchmarks.run_all` regenerates BENCHMARKS.md.
+"""

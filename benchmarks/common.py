@@ -1,9 +1,16 @@
-"""Shared timing and reporting helpers for the benchmarks.
+"""Shared timing helpers and the measurement row of the benchmarks.
 
 Every benchmark times its contenders in one process, interleaved (one call
 of each in turn, repeated), after warm-up calls that trace and compile, and
 reports the median. Interleaving spreads the noise of a shared machine over
 all contenders instead of penalizing whichever ran during a busy moment.
+
+The contract of a benchmark module: `run(repeats: int = 7, smoke: bool =
+False, ...) -> list[Row]`, rows built with `rows_with_ratios` (one call per
+case, ratios to the case's baseline contender), raising `Skipped` when its
+subject is unavailable. Targets are not part of a row: they live in
+`benchmarks.targets.TARGETS` and select rows by benchmark, case and
+contender.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import dataclasses
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
 
@@ -32,7 +39,7 @@ class Row:
         contender: What was timed (e.g. "tfbn", "keras", "raw fused op").
         median_ms: Median wall time of one call, in milliseconds.
         ratio: `median_ms` divided by the case's baseline contender.
-        note: Free text (GB/s, target, ...).
+        note: Free text (e.g. GB/s); targets are judged by `benchmarks.targets`.
     """
 
     benchmark: str
@@ -44,7 +51,11 @@ class Row:
 
 
 def _block(result) -> None:
-    """Waits for `result` (a tensor, a nested structure of them, or None)."""
+    """Waits for `result` (a tensor, a nested structure of them, or None).
+
+    Args:
+        result: What a contender returned.
+    """
     if result is None:
         return
     if isinstance(result, (list, tuple)):
@@ -92,7 +103,18 @@ def rows_with_ratios(
     baseline: str,
     notes: dict[str, str] | None = None,
 ) -> list[Row]:
-    """Rows for one case, each with its ratio to the `baseline` contender."""
+    """Rows for one case, each with its ratio to the `baseline` contender.
+
+    Args:
+        benchmark: The benchmark's name (e.g. `"trainer"`).
+        case: The configuration timed.
+        medians: Contender name -> median milliseconds, in table order.
+        baseline: The contender every ratio is relative to.
+        notes: Optional contender name -> note.
+
+    Returns:
+        One `Row` per contender.
+    """
     notes = notes or {}
     return [
         Row(benchmark, case, name, value, value / medians[baseline], notes.get(name, ""))
@@ -101,7 +123,11 @@ def rows_with_ratios(
 
 
 def onednn_enabled() -> bool:
-    """Whether TensorFlow runs with oneDNN (MKL) kernels."""
+    """Whether TensorFlow runs with oneDNN (MKL) kernels.
+
+    Returns:
+        True when TensorFlow was built with oneDNN and it is not disabled.
+    """
     from tensorflow.python.util import _pywrap_util_port  # Only public source of this fact.
 
     return (
@@ -111,7 +137,11 @@ def onednn_enabled() -> bool:
 
 
 def machine_description() -> dict[str, str]:
-    """Facts that explain the numbers: CPU, cores, versions, oneDNN."""
+    """Facts that explain the numbers: CPU, cores, versions, oneDNN.
+
+    Returns:
+        Fact name -> value, in report order.
+    """
     import keras
     import tensorflow as tf
 
@@ -135,20 +165,6 @@ def machine_description() -> dict[str, str]:
     }
 
 
-def format_rows(rows: Sequence[Row]) -> str:
-    """A markdown table of `rows`."""
-    lines = [
-        "| case | contender | median ms | ratio | note |",
-        "|---|---|---:|---:|---|",
-    ]
-    for row in rows:
-        ratio = "" if row.ratio is None else f"{row.ratio:.2f}"
-        lines.append(
-            f"| {row.case} | {row.contender} | {row.median_ms:.2f} | {ratio} | {row.note} |"
-        )
-    return "\n".join(lines)
-
-
 def run_from_command_line(description: str, run: Callable, argv=None, extra_arguments=()) -> None:
     """The shared command line of one benchmark script: parse, run, print.
 
@@ -166,7 +182,12 @@ def run_from_command_line(description: str, run: Callable, argv=None, extra_argu
         parser.add_argument(flag, type=kind, default=default)
     args = parser.parse_args(argv)
     extra = [getattr(args, flag.lstrip("-").replace("-", "_")) for flag, _, _ in extra_arguments]
+    # Imported here: the report and the targets build on `Row` from this module.
+    from benchmarks import report, targets
+
     try:
-        print(format_rows(run(args.repeats, args.smoke, *extra)))
+        rows = run(args.repeats, args.smoke, *extra)
     except Skipped as skipped:
         print(f"SKIPPED: {skipped}")
+        return
+    print(report.rows_table(rows, targets.evaluate(rows)))

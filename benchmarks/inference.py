@@ -2,7 +2,7 @@
 
 The Conv-BN-ReLU network of `benchmarks.training_step` (tfbn BN, statistics
 randomized), `model(x, training=False)` in a `tf.function`, against the model
-returned by `tfbn.fold_batch_norm`. Skips with a message when folding is not
+returned by `tfbn.fold_batch_norm` (`tfbn.tools.folding`). Skips with a message when folding is not
 available in this checkout.
 
 Run: `python -m benchmarks.inference [--repeats N] [--smoke]`.
@@ -23,7 +23,9 @@ def fold_function():
     try:
         from tfbn.tools.folding import fold_batch_norm
     except ImportError as error:
-        raise common.Skipped(f"tfbn.folding.fold_batch_norm is not importable ({error})") from None
+        raise common.Skipped(
+            f"tfbn.tools.folding.fold_batch_norm is not importable ({error})"
+        ) from None
     return fold_batch_norm
 
 
@@ -46,7 +48,7 @@ def run(repeats: int = 7, smoke: bool = False) -> list[common.Row]:
     difference = float(tf.reduce_max(tf.abs(unfolded_call() - folded_call())))
     medians = common.time_interleaved({"unfolded": unfolded_call, "folded": folded_call}, repeats)
     case = f"6x Conv-BN-ReLU inference, batch {batch}x{size}x{size}, {channels} channels"
-    notes = {"folded": f"max |difference| {difference:.1e}"}
+    notes = {"folded": f"max abs difference {difference:.1e}"}
     return common.rows_with_ratios("inference", case, medians, "unfolded", notes)
 
 

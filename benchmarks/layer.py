@@ -75,6 +75,10 @@ def _inference(layer, x):
     return lambda: layer(x, training=False)
 
 
+def _copy_pass(x):
+    return tf.function(lambda: tf.negative(x))
+
+
 def _compile(function, jit_compile):
     return tf.function(function, jit_compile=jit_compile)
 
@@ -96,11 +100,11 @@ def run(repeats: int = 7, smoke: bool = False) -> list[common.Row]:
         nbytes = x.shape.num_elements() * 4
         # One elementwise op reading x and writing a tensor of its size: the
         # cheapest full pass TF can run, i.e. the copy bandwidth it reaches.
-        copy = tf.function(lambda: tf.negative(x))
+        copy = _copy_pass(x)
         for mode, jit in modes:
             for pass_name, make, bytes_moved in (
-                ("fwd", lambda l: _forward(l, x), 2 * nbytes),
-                ("fwd+bwd", lambda l: _forward_backward(l, x, dy), 5 * nbytes),
+                ("fwd", lambda layer, x=x: _forward(layer, x), 2 * nbytes),
+                ("fwd+bwd", lambda layer, x=x, dy=dy: _forward_backward(layer, x, dy), 5 * nbytes),
             ):
                 contenders = {
                     "tfbn": _compile(
@@ -123,8 +127,6 @@ def run(repeats: int = 7, smoke: bool = False) -> list[common.Row]:
                 notes["copy"] = f"{copy_rate:.1f} GB/s (read + write)"
                 case = f"{'x'.join(map(str, shape))} {pass_name} {mode}"
                 rows += common.rows_with_ratios("layer", case, medians, "keras", notes)
-                ratio_raw = medians["tfbn"] / medians["raw fused op"]
-                rows[-4].note += f"; {ratio_raw:.2f}x raw fused op"
 
     # Inference (training=False), tf.function.
     shape = shapes[0]

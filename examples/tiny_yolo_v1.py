@@ -1,6 +1,7 @@
 """Tiny-YOLO head fine-tuning in a `tf.compat.v1` graph, on TF 2.21 without tf_keras.
 
-The TF1 recipe (shared/seeds/001) restores a backbone from a checkpoint and
+The TF1 Tiny-YOLO recipe (a Chinese blog walkthrough of the TF1 train-op
+wiring for partial fine-tuning) restores a backbone from a checkpoint and
 trains only the head:
 
     update_vars = get_variables_to_restore(include=['tiny_yolo/yolov3_head'])
@@ -66,7 +67,7 @@ def _conv(x, filters, scope, is_training, batch_norm=True):
 
 
 def build_tiny_yolo(images, is_training) -> dict[str, tf.Tensor]:
-    """The model of the seed: `tiny_yolo/{backbone, yolov3_head}`, one flag for all BNs.
+    """The model of the TF1 recipe: `tiny_yolo/{backbone, yolov3_head}`, one flag for all BNs.
 
     Returns:
         Endpoints: `predictions`, and `head_bn_input`/`head_bn_output` of the
@@ -101,7 +102,7 @@ def build_training_graph(wiring: str, learning_rate: float = 0.05) -> TrainingGr
     """Builds the fine-tune graph with one of three train-op wirings.
 
     Args:
-        wiring: `"naive"` (the seed: every UPDATE_OPS op), `"scoped"` (the head's
+        wiring: `"naive"` (the TF1 recipe: every UPDATE_OPS op), `"scoped"` (the head's
             update ops only, via `minimize_with_updates`), or `"unwired"` (no
             update ops at all, the classic bug).
         learning_rate: Gradient-descent learning rate.
@@ -193,16 +194,16 @@ def main(steps: int = 10):
                     }
                     drift = _drift(checkpoint, backbone)
                     moved = sorted(name for name, value in drift.items() if value > 0)
-                    print(
-                        f"[{wiring}] backbone variables changed after {steps} steps: {moved or 'none'}"
-                    )
+                    changed = moved or "none"
+                    print(f"[{wiring}] backbone variables changed after {steps} steps: {changed}")
                     head_mean = session.run(
                         tf.compat.v1.global_variables(HEAD + "/conv1/BatchNorm/moving_mean")[0]
                     )
                     print(f"[{wiring}] head moving_mean: {np.round(head_mean, 4)}")
                     eval_loss = session.run(model.loss, {**feed, model.is_training: False})
                     print(
-                        f"[{wiring}] eval loss (is_training=False, moving statistics): {eval_loss:.4f}"
+                        f"[{wiring}] eval loss (is_training=False, moving statistics): "
+                        f"{eval_loss:.4f}"
                     )
 
 

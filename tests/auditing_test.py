@@ -1,4 +1,7 @@
-"""Tests for tfbn.auditing (tfbn.audit): each planted BN mistake is found, a clean model is clean."""
+"""Tests for tfbn.tools.auditing (`tfbn.audit`).
+
+Each planted BN mistake is found; a clean model is clean.
+"""
 
 import json
 import re

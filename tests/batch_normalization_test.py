@@ -480,19 +480,75 @@ def test_fully_masked_batch_uses_moving_statistics_and_skips_the_update():
     layer.build(x.shape)
     _randomize(layer)
     before = layer.get_weights()
-    y = layer(x, training=True, mask=tf.zeros((4, 5), tf.bool))
+    y = layer(x, training=True, mask=tf.zeros((4, 3), tf.bool))
     _assert_unchanged(layer, before)
     np.testing.assert_allclose(y.numpy(), layer(x, training=False).numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_mask_with_channels_first_matches_numpy_on_kept_values():
-    x = _normal((4, 3, 6), mean=1.0)
-    mask = np.random.default_rng(0).random((4, 6)) > 0.5
-    layer = tfbn.BatchNormalization(axis=1, momentum=0.0)
-    layer(x, training=True, mask=mask)
-    kept = np.transpose(x, (0, 2, 1))[mask].astype(np.float64)
-    np.testing.assert_allclose(layer.moving_mean.numpy(), kept.mean(0), rtol=1e-5)
-    np.testing.assert_allclose(layer.moving_variance.numpy(), kept.var(0), rtol=1e-5)
+MASK_CASES = [
+    ((6, 3, 3), 1),
+    ((6, 4, 3), -1),
+    ((5, 4, 3, 2), [1, 3]),
+    ((5, 4, 3, 2), [1, 2]),
+]
+
+
+@pytest.mark.parametrize("shape, axis", MASK_CASES)
+def test_keras_mask_follows_the_stock_convention_for_every_axis(shape, axis):
+    # Keras masks drop the last axis; the stock layer expands them there
+    # whatever `axis` is, so the mask may cover a feature axis too.
+    x = _normal(shape, mean=3.0, std=2.0, seed=7)
+    mask = np.random.default_rng(3).random(shape[:-1]) > 0.4
+    mask[..., -1] = False  # The last step is padding, as in a sequence batch.
+    layer = tfbn.BatchNormalization(axis=axis, momentum=0.0, epsilon=1e-3)
+    y = layer(x, training=True, mask=mask).numpy()
+    mean, variance, count = reference.masked_moments(
+        x, mask, layer.axis if isinstance(axis, list) else [axis]
+    )
+    trusted = count >= 2
+    assert trusted.any()
+    np.testing.assert_allclose(
+        layer.moving_mean.numpy().reshape(-1)[trusted],
+        mean[trusted],
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    np.testing.assert_allclose(
+        layer.moving_variance.numpy().reshape(-1)[trusted], variance[trusted], rtol=1e-4, atol=1e-5
+    )
+    # A feature with fewer than two unmasked values keeps its statistics.
+    np.testing.assert_array_equal(layer.moving_mean.numpy().reshape(-1)[~trusted], 0.0)
+    np.testing.assert_array_equal(layer.moving_variance.numpy().reshape(-1)[~trusted], 1.0)
+    feature_shape = reference.broadcast_shape(
+        shape, layer.axis if isinstance(axis, list) else [axis]
+    )
+    expected = (x - mean.reshape(feature_shape)) / np.sqrt(variance.reshape(feature_shape) + 1e-3)
+    finite = np.broadcast_to(trusted.reshape(feature_shape), shape)
+    np.testing.assert_allclose(y[finite], expected[finite], rtol=1e-4, atol=1e-4)
+
+
+def test_keras_mask_matches_the_stock_layer_with_axis_1():
+    # Input (6, 3, 3), axis=1, the last time step masked: every feature keeps
+    # values, so the stock layer is right here and tfbn must agree.
+    x = _normal((6, 3, 3), mean=5.0, std=3.0, seed=11)
+    mask = np.ones((6, 3), bool)
+    mask[:, -1] = False
+    ours = tfbn.BatchNormalization(axis=1, momentum=0.0)
+    stock = keras.layers.BatchNormalization(axis=1, momentum=0.0)
+    y_ours = ours(x, training=True, mask=mask).numpy()
+    y_stock = stock(x, training=True, mask=mask).numpy()
+    np.testing.assert_allclose(
+        ours.moving_mean.numpy()[:2], stock.moving_mean.numpy()[:2], rtol=1e-5
+    )
+    np.testing.assert_allclose(y_ours[:, :2], y_stock[:, :2], rtol=1e-4, atol=1e-4)
+    # Feature 2 has no unmasked value: tfbn keeps its statistics.
+    assert ours.moving_mean.numpy()[2] == 0.0 and ours.moving_variance.numpy()[2] == 1.0
+
+
+def test_mask_of_the_wrong_rank_names_the_convention():
+    layer = tfbn.BatchNormalization(axis=1)
+    with pytest.raises(ValueError, match="without the last axis"):
+        layer(_normal((4, 3, 6)), training=True, mask=np.ones((4, 3, 6), bool))
 
 
 def test_non_finite_batch_leaves_statistics_bit_identical():
@@ -509,13 +565,33 @@ def test_non_finite_batch_leaves_statistics_bit_identical():
 
 
 @pytest.mark.parametrize("shape", [(1, 4), (1, 1, 1, 4)])
-def test_one_value_per_feature_in_training_raises_naming_the_shape(shape):
+def test_one_value_per_feature_in_training_outputs_beta_and_keeps_the_statistics(shape):
+    # The stock layer and the formula give beta; no variance, so no update.
     layer = tfbn.BatchNormalization()
-    with pytest.raises(
-        ValueError,
-        match=r"one value per feature.*" + str(shape).replace("(", r"\(").replace(")", r"\)"),
-    ):
-        layer(np.zeros(shape, np.float32), training=True)
+    layer.build(shape)
+    _randomize(layer)
+    before = layer.get_weights()
+    with pytest.warns(UserWarning, match=r"one value per feature"):
+        y = layer(_normal(shape), training=True).numpy()
+    np.testing.assert_allclose(
+        y.reshape(-1, 4), np.broadcast_to(layer.beta.numpy(), (1, 4)), atol=1e-6
+    )
+    _assert_unchanged(layer, before)
+
+
+@pytest.mark.parametrize("run_eagerly", [True, False])
+def test_fit_on_a_last_batch_of_one_sample_behaves_the_same_eager_or_traced(run_eagerly):
+    # 33 samples with batch_size=32: the last batch has one sample.
+    x = _normal((33, 4), mean=1.0, seed=5)
+    inputs = keras.Input((4,))
+    layer = tfbn.BatchNormalization(momentum=0.5)
+    model = keras.Model(inputs, keras.layers.Dense(1)(layer(inputs)))
+    model.compile("sgd", "mse", run_eagerly=run_eagerly)
+    model.fit(x, np.zeros((33, 1), np.float32), batch_size=32, epochs=1, shuffle=False, verbose=0)
+    # Only the first batch updated the statistics: 0.5 * init + 0.5 * batch.
+    np.testing.assert_allclose(
+        layer.moving_mean.numpy(), 0.5 * x[:32].astype(np.float64).mean(0), rtol=1e-5
+    )
 
 
 def test_one_value_per_feature_with_unknown_shape_skips_the_update():
@@ -542,10 +618,12 @@ def test_one_sample_with_spatial_extent_is_fine():
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"momentum": 1.0}, ValueError, r"momentum.*\[0, 1\).*1\.0"),
+        ({"momentum": 1.5}, ValueError, r"momentum.*\[0, 1\].*1\.5"),
+        ({"momentum": float("nan")}, ValueError, "momentum"),
         ({"momentum": -0.1}, ValueError, "momentum"),
         ({"momentum": "fast"}, TypeError, "momentum"),
-        ({"epsilon": 0.0}, ValueError, r"epsilon.*> 0"),
+        ({"epsilon": float("inf")}, ValueError, r"epsilon.*finite"),
+        ({"epsilon": float("nan")}, ValueError, "epsilon"),
         ({"epsilon": -1e-3}, ValueError, "epsilon"),
         ({"moving_variance_estimator": "bessel"}, ValueError, "moving_variance_estimator"),
         ({"axis": [1, 1]}, ValueError, "duplicate"),
@@ -559,6 +637,78 @@ def test_one_sample_with_spatial_extent_is_fine():
 def test_construction_validates_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         tfbn.BatchNormalization(**kwargs)
+
+
+def test_momentum_one_freezes_the_statistics_bit_for_bit():
+    layer = tfbn.BatchNormalization(momentum=1.0)
+    layer.build((8, 3))
+    _randomize(layer)
+    before = layer.get_weights()
+    layer(_normal((8, 3), mean=4.0), training=True)
+    _assert_unchanged(layer, before)
+
+
+def test_epsilon_zero_is_accepted_with_a_warning():
+    with pytest.warns(UserWarning, match="epsilon.*divided by zero"):
+        layer = tfbn.BatchNormalization(epsilon=0.0)
+    x = _normal((16, 3), mean=1.0)
+    expected, _, _ = reference.batch_norm_train(x, np.ones(3), np.zeros(3), [-1], 0.0)
+    np.testing.assert_allclose(layer(x, training=True).numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name, value, error",
+    [
+        ("momentum", 5.0, ValueError),
+        ("momentum", float("inf"), ValueError),
+        ("epsilon", -1.0, ValueError),
+        ("epsilon", float("nan"), ValueError),
+        ("renorm_momentum", 1.5, ValueError),
+        ("momentum", "fast", TypeError),
+    ],
+)
+def test_assignments_after_construction_are_validated(name, value, error):
+    layer = tfbn.BatchNormalization()
+    with pytest.raises(error, match=name):
+        setattr(layer, name, value)
+
+
+def test_assigned_momentum_is_used_by_the_next_update():
+    layer = tfbn.BatchNormalization(momentum=0.99)
+    layer.momentum = 0.0
+    x = _normal((16, 3), mean=2.0)
+    layer(x, training=True)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), x.astype(np.float64).mean(0), rtol=1e-5)
+
+
+def test_renorm_clipping_error_keeps_the_stock_phrase():
+    with pytest.raises(ValueError, match="Received invalid keys"):
+        tfbn.BatchNormalization(renorm=True, renorm_clipping={"rmx": 2.0})
+
+
+def test_reset_restores_every_statistic_including_renorm_and_count():
+    layer = tfbn.BatchNormalization(momentum=None, renorm=True, moving_variance_initializer="ones")
+    for seed in range(3):
+        layer(_normal((16, 3), mean=3.0, std=2.0, seed=seed), training=True)
+    moved = {name: v.numpy().copy() for name, v in layer.moving_statistics.items()}
+    assert set(moved) == {
+        "moving_mean",
+        "moving_variance",
+        "moving_stddev",
+        "renorm_mean",
+        "renorm_stddev",
+        "num_batches_tracked",
+    }
+    layer.reset_moving_statistics()
+    fresh = tfbn.BatchNormalization(momentum=None, renorm=True)
+    fresh.build((16, 3))
+    for name, variable in layer.moving_statistics.items():
+        assert not np.array_equal(variable.numpy(), moved[name]), name
+        np.testing.assert_array_equal(variable.numpy(), fresh.moving_statistics[name].numpy())
+    # After the reset the next batch is averaged as the first one.
+    x = _normal((16, 3), mean=-1.0, seed=9)
+    layer(x, training=True)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), x.astype(np.float64).mean(0), rtol=1e-5)
 
 
 def test_axis_out_of_range_raises_at_build():
@@ -691,7 +841,7 @@ def test_config_round_trip_keeps_every_argument():
         renorm_momentum=0.9,
         moving_variance_estimator="unbiased",
         virtual_batch_size=4,
-        fused=True,
+        fused=False,
         name="bn",
     )
     config = layer.get_config()

@@ -7,11 +7,13 @@ output); it says nothing about speed.
 import pathlib
 import sys
 
+import pytest
+
 # `benchmarks/` is a top-level folder of the repository, not an installed
 # package; `python -m pytest` from the root finds it, plain `pytest` may not.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from benchmarks import common, layer, run_all  # noqa: E402
+from benchmarks import common, layer, report, run_all, targets  # noqa: E402
 
 
 def test_time_interleaved_calls_each_contender_warmup_plus_repeats_times():
@@ -50,3 +52,69 @@ def test_run_all_smoke_writes_the_report(tmp_path):
         "(5) Trainer",
     ):
         assert expected in text
+    # Every target of the one table is listed, with its limit, and judged.
+    for target in targets.TARGETS:
+        assert f"{target.name} {target.comparison}" in text
+        assert f"| {target.benchmark}: {target.name} |" in text
+
+
+def _synthetic_rows():
+    """Rows as the layer, training-step and trainer benchmarks produce them."""
+    layer_case = "8x4x4x16 fwd+bwd function"
+    medians = {"tfbn": 2.0, "keras": 8.0, "raw fused op": 2.5, "copy": 1.0}
+    rows = common.rows_with_ratios("layer", layer_case, medians, "keras")
+    rows += common.rows_with_ratios(
+        "layer", "64x32 fwd function", {"tfbn": 3.0, "keras": 4.0}, "keras"
+    )
+    step = {"tfbn BN": 9.0, "stock keras BN": 10.0, "no BN": 8.0}
+    rows += common.rows_with_ratios("training_step", "6x step", step, "stock keras BN")
+    fit = {"tfbn trainer": 5.0, "model.fit": 4.0}
+    rows += common.rows_with_ratios("trainer", "10 steps", fit, "model.fit")
+    return rows, medians, step, fit
+
+
+def test_targets_turn_rows_into_ratios_against_their_reference():
+    rows, layer_ms, step_ms, fit_ms = _synthetic_rows()
+    results = {(r.name, r.config): r for r in targets.evaluate(rows)}
+    limits = {target.name: target.limit for target in targets.TARGETS}
+
+    def check(name, config, expected, higher_is_better=False):
+        result = results[(name, config)]
+        assert result.ratio == pytest.approx(expected)
+        assert result.target == limits[name]
+        met = expected >= limits[name] if higher_is_better else expected <= limits[name]
+        assert result.met is met
+
+    case = "8x4x4x16 fwd+bwd function"
+    check("fwd+bwd vs keras (4D)", case, layer_ms["tfbn"] / layer_ms["keras"])
+    check("fwd+bwd vs the raw fused op", case, layer_ms["tfbn"] / layer_ms["raw fused op"])
+    # 5 tensor passes in the row's time against the copy's 2.
+    share = (5 / layer_ms["tfbn"]) / (2 / layer_ms["copy"])
+    check("fwd+bwd share of the copy bandwidth", case, share, higher_is_better=True)
+    check("fwd vs keras (2D)", "64x32 fwd function", 3.0 / 4.0)
+    check(
+        "train step vs stock-BN network", "6x step", step_ms["tfbn BN"] / step_ms["stock keras BN"]
+    )
+    check("train step vs no-BN network", "6x step", step_ms["tfbn BN"] / step_ms["no BN"])
+    steps_per_second = (1 / fit_ms["tfbn trainer"]) / (1 / fit_ms["model.fit"])
+    check("trainer steps/s vs model.fit", "10 steps", steps_per_second, higher_is_better=True)
+    # Targets without rows are reported as not measured, not dropped.
+    missing = results[("inference vs keras", "not measured")]
+    assert missing.ratio is None and missing.met is None
+
+
+def test_the_targets_table_is_the_only_source_of_limits():
+    names = [target.name for target in targets.TARGETS]
+    assert len(names) == len(set(names))
+    rows, *_ = _synthetic_rows()
+    results = targets.evaluate(rows)
+    table = report.rows_table(rows, results)
+    for result in results:
+        if result.ratio is not None:
+            # The figure stands next to its target in the row's line.
+            line = next(
+                line
+                for line in table.splitlines()
+                if line.startswith(f"| {result.config} | {result.contender} |")
+            )
+            assert f"{result.name}: {result.ratio:.2f} ({result.comparison})" in line

@@ -53,7 +53,7 @@ def test_fused_and_general_paths_agree_with_each_other_and_the_layer(shape, axis
     paths = {}
     for fused in (None, False):
         paths[fused] = _run(
-            lambda x: tfbn_v1.batch_normalization(
+            lambda x, fused=fused: tfbn_v1.batch_normalization(
                 x,
                 axis=axis,
                 momentum=0.5,
@@ -100,7 +100,7 @@ def test_options_the_kernel_cannot_take_use_the_general_path():
         assert np.all(np.isfinite(out)) and all(np.all(np.isfinite(g)) for g in grads), name
 
 
-def test_ghost_batch_gradients_match_the_layer():
+def test_ghost_batch_gradient_wiring_delivers_the_core_gradients():
     batch, dy = _data((8, 3), 4), _data((8, 3), 5, 0.0, 1.0)
     _, out, grads, stats = _run(
         lambda t: tfbn_v1.batch_normalization(t, training=True, virtual_batch_size=4, momentum=0.5),

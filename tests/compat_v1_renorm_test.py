@@ -52,7 +52,7 @@ def _contrib_style(x, training):
 @pytest.mark.parametrize(
     "build, placeholder_flag", [(_layers_style, False), (_contrib_style, True)]
 )
-def test_matches_tf2_renorm_layer_over_five_steps(build, placeholder_flag):
+def test_renorm_session_wiring_delivers_the_core_numbers_over_five_steps(build, placeholder_flag):
     shape = (6, 2, 2, 3)
     batches = [_data(shape, seed) for seed in range(STEPS)]
     dy = _data(shape, 99, 0.0, 1.0)

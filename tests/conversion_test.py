@@ -1,4 +1,4 @@
-"""Tests for tfbn.conversion: Keras <-> tfbn clones and the PyTorch importer."""
+"""Tests for tfbn.tools.conversion: Keras <-> tfbn clones and the PyTorch importer."""
 
 import re
 import warnings
@@ -44,8 +44,8 @@ def test_keras_to_tfbn_and_back_is_bit_identical_in_inference():
     converted = convert_batch_norm(model, to="tfbn")
 
     layers = _bn_layers(converted)
-    assert [type(l) for l in layers] == [tfbn.BatchNormalization] * 3
-    assert [l.path for l in layers] == ["bn1", "inner/inner_bn", "bn2"]
+    assert [type(layer) for layer in layers] == [tfbn.BatchNormalization] * 3
+    assert [layer.path for layer in layers] == ["bn1", "inner/inner_bn", "bn2"]
     first = layers[0]
     assert (first.axis, first.epsilon, first.momentum, first.center) == (1, 1e-5, 0.9, False)
     assert layers[2].renorm and layers[2].renorm_clipping == {"rmax": 2.0}
@@ -55,7 +55,7 @@ def test_keras_to_tfbn_and_back_is_bit_identical_in_inference():
 
     back = convert_batch_norm(converted, to="keras")
 
-    assert [type(l) for l in _bn_layers(back)] == [L.BatchNormalization] * 3
+    assert [type(layer) for layer in _bn_layers(back)] == [L.BatchNormalization] * 3
     assert np.array_equal(back(data, training=False).numpy(), expected)
 
 

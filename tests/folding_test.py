@@ -1,4 +1,4 @@
-"""Tests for tfbn.folding: folded models reproduce the original's inference."""
+"""Tests for tfbn.tools.folding: folded models reproduce the original's inference."""
 
 import os
 
@@ -61,7 +61,7 @@ def test_foldable_producers_disappear_and_outputs_match(case, bn_type):
 
     assert [(d.batch_norm, d.reason) for d in decisions] == [("bn", None)]
     assert _bn_count(folded) == 0
-    assert not any(isinstance(l, ChannelAffine) for l in folded.layers)
+    assert not any(isinstance(layer, ChannelAffine) for layer in folded.layers)
     data = np.random.default_rng(1).normal(size=(2,) + shape).astype("float32")
     _assert_same_inference(model, folded, data)
 
@@ -101,7 +101,7 @@ def test_unfoldable_batch_norms_become_affine_with_reasons():
     assert "also feeds other layers" in reasons["bn_branch"]
     assert "not produced by a layer" in reasons["bn_input"]
     assert all(d.folded_into is None for d in decisions)
-    assert sorted(l.name for l in folded.layers if isinstance(l, ChannelAffine)) == [
+    assert sorted(layer.name for layer in folded.layers if isinstance(layer, ChannelAffine)) == [
         "bn_after_relu",
         "bn_branch",
         "bn_input",

@@ -159,22 +159,39 @@ def test_tensor_training_flag_and_deferred_updates_on_the_fused_path():
 
 
 @pytest.mark.parametrize(
+    "kwargs, reason",
+    [
+        ({"renorm": True}, "renorm=True"),
+        ({"virtual_batch_size": 2}, "virtual_batch_size=2"),
+        ({"axis": [1, 3]}, "several axes"),
+        ({"synchronized": True}, "synchronized=True"),
+    ],
+)
+def test_fused_true_is_refused_at_construction_for_settings_that_never_fuse(kwargs, reason):
+    # tf-keras refused these when the layer was created, not at first call.
+    with pytest.raises(ValueError, match=reason):
+        tfbn.BatchNormalization(fused=True, **kwargs)
+    auto = tfbn.BatchNormalization(fused=None, **kwargs)
+    assert np.all(np.isfinite(auto(_normal((4, 3, 3, 2)), training=True).numpy()))
+
+
+@pytest.mark.parametrize(
     "kwargs, call_kwargs, reason",
     [
-        ({"renorm": True}, {}, "renorm=True"),
-        ({"virtual_batch_size": 2}, {}, "virtual_batch_size=2"),
-        ({"axis": [1, 3]}, {}, "several axes"),
         ({"axis": 2}, {}, "neither the last axis nor axis 1"),
         ({}, {"mask": np.ones((4, 3, 3), bool)}, "a mask was passed"),
         ({"dtype": "float64"}, {}, "float64"),
     ],
 )
-def test_fused_true_names_why_the_configuration_is_not_eligible(kwargs, call_kwargs, reason):
+def test_fused_true_names_what_the_call_prevents_in_training_only(kwargs, call_kwargs, reason):
     layer = tfbn.BatchNormalization(fused=True, **kwargs)
     with pytest.raises(ValueError, match=reason):
         layer(_normal((4, 3, 3, 2)), training=True, **call_kwargs)
-    auto = tfbn.BatchNormalization(fused=None, **kwargs)
-    assert np.all(np.isfinite(auto(_normal((4, 3, 3, 2)), training=True, **call_kwargs).numpy()))
+    # Inference runs no kernel, so nothing there can prevent it.
+    x = _normal((4, 3, 3, 2))
+    expected = tfbn.BatchNormalization(fused=False, **kwargs)(x, training=False)
+    y = layer(x, training=False, **call_kwargs)
+    np.testing.assert_array_equal(y.numpy(), expected.numpy())
 
 
 def test_fused_must_be_a_bool_or_none():

@@ -1,4 +1,4 @@
-"""Tests for tfbn.population_statistics against NumPy population statistics."""
+"""Tests for tfbn.tools.population_statistics against NumPy population statistics."""
 
 import keras
 import numpy as np
@@ -6,6 +6,8 @@ import pytest
 import tensorflow as tf
 
 import tfbn
+from tfbn.layers import introspection
+from tfbn.tools import stored_statistics
 from tfbn.tools.population_statistics import population_moments, recompute_statistics
 
 L = keras.layers
@@ -97,7 +99,17 @@ def test_channels_first_conv_nested_model_and_untouched_variables():
         renorm_bn.moving_stddev.numpy(), np.sqrt(variance + renorm_bn.epsilon), rtol=1e-5
     )
     assert int(renorm_bn.num_batches_tracked.numpy()) == 2
-    changed = {"moving_mean", "moving_variance", "moving_stddev", "num_batches_tracked"}
+    # renorm_mean and renorm_stddev describe the same population now (checked
+    # against NumPy in test_renorm_layers_get_every_statistic_consistent).
+    changed = {
+        "moving_mean",
+        "moving_variance",
+        "moving_stddev",
+        "renorm_mean",
+        "renorm_stddev",
+        "num_batches_tracked",
+    }
+    assert set(introspection.statistic_variables(renorm_bn)) == changed
     for weight in model.weights:
         if weight.path.split("/")[-1] not in changed:
             assert np.array_equal(before[weight.path], weight.numpy()), weight.path
@@ -155,3 +167,98 @@ def test_labelled_dataset_and_progress_bar(capsys):
 
     assert "pass 1" in capsys.readouterr().out
     np.testing.assert_allclose(bn.moving_mean.numpy(), data.astype(np.float64).mean(0), rtol=1e-5)
+
+
+def _renorm_reference(features, estimator, epsilon):
+    """NumPy reference of every renorm statistic after a recompute (float64)."""
+    mean = features.mean(0)
+    variance = features.var(0, ddof=1 if estimator == "unbiased" else 0)
+    stddev = np.sqrt(variance + epsilon)
+    return {
+        "moving_mean": mean,
+        "moving_variance": variance,
+        "moving_stddev": stddev,
+        "renorm_mean": mean,
+        "renorm_stddev": stddev,
+    }
+
+
+@pytest.mark.parametrize(
+    "make_bn, estimator",
+    [
+        (lambda: tfbn.BatchNormalization(renorm=True, epsilon=0.01), "biased"),
+        (
+            lambda: tfbn.BatchNormalization(
+                renorm=True, moving_variance_estimator="unbiased", momentum=None
+            ),
+            "unbiased",
+        ),
+        (lambda: L.BatchNormalization(renorm=True), "biased"),
+    ],
+)
+def test_renorm_layers_get_every_statistic_consistent(make_bn, estimator):
+    inputs = keras.Input((4,))
+    dense = L.Dense(3)
+    bn = make_bn()
+    model = keras.Model(inputs, bn(dense(inputs)))
+    batches = _batches([5, 4, 6, 2], seed=4)
+
+    recompute_statistics(model, batches, progress=False)
+
+    features = _dense_numpy(dense, np.concatenate(batches))
+    expected = _renorm_reference(features, estimator, bn.epsilon)
+    for name, value in expected.items():
+        np.testing.assert_allclose(
+            getattr(bn, name).numpy(), value, rtol=1e-5, atol=1e-6, err_msg=name
+        )
+    if bn.momentum is None:
+        assert int(bn.num_batches_tracked.numpy()) == len(batches)
+    # The layer's own rule derives the moving variance from the moving stddev;
+    # after the recompute both agree.
+    derived = np.maximum(bn.moving_stddev.numpy().astype(np.float64) ** 2 - bn.epsilon, 0)
+    np.testing.assert_allclose(derived, bn.moving_variance.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_cumulative_average_continues_from_the_population():
+    inputs = keras.Input((4,))
+    bn = tfbn.BatchNormalization(momentum=None)
+    model = keras.Model(inputs, bn(inputs))
+    batches = _batches([4, 4, 4], seed=5)
+    recompute_statistics(model, batches, progress=False)
+    extra = _batches([4], seed=6)[0]
+
+    bn(extra, training=True)
+
+    # momentum=None averages batch means: the recompute counts as 3 batches.
+    means = [b.astype(np.float64).mean(0) for b in batches]
+    population_mean = np.concatenate(batches).astype(np.float64).mean(0)
+    expected = (3 * population_mean + extra.astype(np.float64).mean(0)) / 4
+    np.testing.assert_allclose(bn.moving_mean.numpy(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.mean(means, 0), population_mean, rtol=1e-6)
+    assert int(bn.num_batches_tracked.numpy()) == 4
+
+
+def test_unbiased_variance_of_single_values_is_refused():
+    inputs = keras.Input((4,))
+    bn = tfbn.BatchNormalization(moving_variance_estimator="unbiased")
+    model = keras.Model(inputs, bn(inputs))
+    with pytest.raises(ValueError, match="at least 2 values"):
+        recompute_statistics(model, _batches([1]), progress=False)
+
+
+def test_stored_variance_follows_the_estimator_in_float64():
+    rng = np.random.default_rng(7)
+    values = rng.normal(1e3, 1e-2, size=(9, 3))  # float64 precision matters here.
+    biased = values.var(0)
+    count = np.full(3, 9.0)
+    np.testing.assert_array_equal(
+        stored_statistics.stored_variance(biased, count, "biased"), biased
+    )
+    unbiased = stored_statistics.stored_variance(biased, count, "unbiased")
+    assert unbiased.dtype == np.float64
+    np.testing.assert_allclose(unbiased, values.var(0, ddof=1), rtol=1e-12)
+    np.testing.assert_allclose(
+        stored_statistics.renorm_stddev(unbiased, 1e-3), np.sqrt(values.var(0, ddof=1) + 1e-3)
+    )
+    with pytest.raises(ValueError, match="`estimator`"):
+        stored_statistics.stored_variance(biased, count, "bessel")

@@ -57,3 +57,20 @@ def batch_norm_inference(x, gamma, beta, mean, var, feature_axes, epsilon):
     shape = broadcast_shape(x.shape, feature_axes)
     a = np.reshape(gamma, shape) / np.sqrt(np.reshape(var, shape) + epsilon)
     return (x - np.reshape(mean, shape)) * a + np.reshape(beta, shape)
+
+
+def masked_moments(x, mask, feature_axes):
+    """Keras' mask convention: `mask` has x's shape without the last axis.
+
+    The mask is expanded at the last axis and broadcast against `x` (whatever
+    the feature axes are); returns (mean, biased variance, values per
+    feature), the statistics being NaN for a feature without values.
+    """
+    x = np.asarray(x, np.float64)
+    weights = np.broadcast_to(np.asarray(mask, np.float64)[..., None], x.shape)
+    axes = reduction_axes(x.ndim, feature_axes)
+    count = weights.sum(axis=axes, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = (x * weights).sum(axis=axes, keepdims=True) / count
+        var = (((x - mean) ** 2) * weights).sum(axis=axes, keepdims=True) / count
+    return mean.reshape(-1), var.reshape(-1), count.reshape(-1)

@@ -1,4 +1,4 @@
-"""Tests for tfbn.tools_cli, run in-process on saved `.keras` models."""
+"""Tests for tfbn.tools.cli (`tfbn-tools`), run in-process on saved `.keras` models."""
 
 import json
 import os
@@ -9,6 +9,7 @@ import pytest
 
 import tfbn
 from tfbn.tools import cli as tools_cli
+from tfbn.tools import conversion, population_statistics
 from tfbn.tools.population_statistics import population_moments
 
 L = keras.layers
@@ -97,3 +98,100 @@ def test_ambiguous_npz_needs_a_key(saved_model):
     np.savez(archive, a=data, b=data)
     with pytest.raises(ValueError, match="--data-key"):
         tools_cli.load_batches(archive, 4)
+
+
+def _one_line_error(capsys):
+    """The stderr of a failed command: exactly one line, no traceback."""
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert "Traceback" not in captured.err
+    assert lines[0].startswith("tfbn-tools: error: ")
+    return lines[0]
+
+
+def test_missing_model_file_is_a_one_line_error(saved_model, capsys):
+    _, _, tmp = saved_model
+    missing = os.path.join(tmp, "missing.keras")
+    assert tools_cli.main(["fold", missing, os.path.join(tmp, "out.keras")]) == 2
+    line = _one_line_error(capsys)
+    assert missing in line and "does not exist" in line
+
+
+@pytest.mark.parametrize("content", [b"not a zip archive", b""])
+def test_existing_but_invalid_model_file_is_called_invalid(saved_model, capsys, content):
+    _, _, tmp = saved_model
+    broken = os.path.join(tmp, "broken.keras")
+    with open(broken, "wb") as handle:
+        handle.write(content)
+    assert tools_cli.main(["audit", broken]) == 2
+    line = _one_line_error(capsys)
+    assert "invalid" in line and broken in line
+    assert "not found" not in line.lower()
+
+
+def test_missing_and_invalid_data_files(saved_model, capsys):
+    path, _, tmp = saved_model
+    out = os.path.join(tmp, "out.keras")
+    missing = os.path.join(tmp, "missing.npy")
+    assert tools_cli.main(["recompute-statistics", path, out, "--data", missing, "--quiet"]) == 2
+    assert "does not exist" in _one_line_error(capsys)
+    pickled = os.path.join(tmp, "objects.npy")
+    np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    assert tools_cli.main(["recompute-statistics", path, out, "--data", pickled, "--quiet"]) == 2
+    assert "invalid" in _one_line_error(capsys)
+    assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("shape", [(10,), (10, 5, 1), (10, 7)])
+def test_wrong_shape_data_names_both_shapes_without_the_array(saved_model, capsys, shape):
+    path, _, tmp = saved_model
+    data = np.full(shape, 123456.0, np.float32)  # A value that must not be printed.
+    data_path = os.path.join(tmp, "wrong.npy")
+    np.save(data_path, data)
+    out = os.path.join(tmp, "out.keras")
+    argv = ["recompute-statistics", path, out, "--data", data_path, "--quiet"]
+    assert tools_cli.main(argv) == 2
+    line = _one_line_error(capsys)
+    assert f"rank {len(shape)}" in line and "rank 2" in line
+    assert "123456" not in line
+    assert tools_cli.main(["audit", path, "--data", data_path]) == 2
+    assert "rank 2" in _one_line_error(capsys)
+
+
+def test_library_errors_are_reported_with_flag_names(saved_model, capsys):
+    path, _, tmp = saved_model
+    data_path = os.path.join(tmp, "data.npy")
+    out = os.path.join(tmp, "out.keras")
+    base = ["recompute-statistics", path, out, "--data", data_path, "--quiet"]
+    assert tools_cli.main(base + ["--num-batches", "0"]) == 2
+    line = _one_line_error(capsys)
+    assert "--num-batches" in line and "`num_batches`" not in line
+    # 10 rows in batches of 4 are 3 batches, fewer than asked for.
+    assert tools_cli.main(base + ["--batch-size", "4", "--num-batches", "5"]) == 2
+    line = _one_line_error(capsys)
+    assert "--num-batches" in line and "num_batches" not in line
+    assert not os.path.exists(out)
+
+
+def test_the_library_names_python_arguments_not_flags(saved_model):
+    path, data, _ = saved_model
+    model = keras.models.load_model(path)
+    with pytest.raises(ValueError) as error:
+        population_statistics.recompute_statistics(model, [data], num_batches=0, progress=False)
+    assert "`num_batches`" in str(error.value) and "--" not in str(error.value)
+    with pytest.raises(ValueError) as error:
+        population_statistics.recompute_statistics(model, [data], num_batches=3, progress=False)
+    assert "num_batches" in str(error.value) and "--" not in str(error.value)
+    with pytest.raises(ValueError) as error:
+        conversion.convert_batch_norm(model, to="torch")
+    assert "`to`" in str(error.value) and "--" not in str(error.value)
+
+
+def test_flag_message_translates_only_argument_names():
+    message = "`num_batches`=5 but only 3 batches. Pass a smaller num_batches; `to` must be ..."
+    assert tools_cli.flag_message(message) == (
+        "--num-batches=5 but only 3 batches. Pass a smaller --num-batches; --to must be ..."
+    )
+    assert tools_cli.flag_message("go to sleep") == "go to sleep"
+    assert len(tools_cli.flag_message("x" * 5000)) <= 400

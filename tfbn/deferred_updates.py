@@ -27,9 +27,8 @@ import dataclasses
 import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Union
 
-Patterns = Union[None, str, Sequence[str]]
+Patterns = str | Sequence[str] | None
 
 
 class UnappliedUpdatesError(RuntimeError):

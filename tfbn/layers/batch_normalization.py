@@ -13,8 +13,11 @@ What it adds to the stock layer, each pinned by tests:
 * updates only from batches that can be trusted (empty, fully masked or
   non-finite batches leave the moving statistics bit-identical);
 * argument validation that names the argument, the value and the fix;
-* speed: the fused kernel where its semantics match (`tfbn.fused`), and a
-  closed-form backward everywhere else (`tfbn.closed_form`).
+* speed: the fused kernel where its semantics match (`tfbn.nn.fused`), and
+  a closed-form backward everywhere else (`tfbn.nn.closed_form`).
+
+The numerics and every BN rule live in `tfbn.nn.batch_norm`; this module
+holds the Keras wiring: weights, call conventions, updates and config.
 """
 
 from __future__ import annotations
@@ -23,47 +26,10 @@ import keras
 import tensorflow as tf
 
 from tfbn.deferred_updates import PendingUpdate, active_collector
-from tfbn.nn import closed_form, moving_averages
-from tfbn.nn import fused as fused_lib
-from tfbn.nn import moments as moments_lib
+from tfbn.nn import arguments
+from tfbn.nn import batch_norm as bn
 from tfbn.nn import renorm as renorm_lib
 from tfbn.nn.training_flag import resolve_training
-
-VARIANCE_ESTIMATORS = ("biased", "unbiased")
-# An update needs at least two values per feature: with one, the variance is
-# 0 (biased) or undefined (unbiased) and says nothing about the population.
-_MIN_VALUES_PER_FEATURE = 2
-
-
-def _normalize_axes(axis) -> list[int]:
-    if isinstance(axis, bool) or not isinstance(axis, (int, list, tuple)):
-        raise TypeError(
-            f"`axis` must be an int or a list of ints; received {axis!r}. "
-            "Example: axis=-1 (channels last) or axis=[1, 3]."
-        )
-    axes = [axis] if isinstance(axis, int) else list(axis)
-    if not axes or not all(isinstance(a, int) and not isinstance(a, bool) for a in axes):
-        raise TypeError(f"`axis` must be a non-empty list of ints; received {axis!r}.")
-    if len(set(axes)) != len(axes):
-        raise ValueError(f"`axis` has duplicate entries: {axis!r}.")
-    return axes
-
-
-def _validate_momentum(name: str, momentum, allow_none: bool) -> float | None:
-    if momentum is None and allow_none:
-        return None
-    try:
-        value = float(momentum)
-    except (TypeError, ValueError):
-        raise TypeError(f"`{name}` must be a float in [0, 1); received {momentum!r}.") from None
-    if not 0.0 <= value < 1.0:
-        hint = " (or None for a cumulative average)" if allow_none else ""
-        raise ValueError(
-            f"`{name}` must be in [0, 1){hint}; received {momentum!r}. Keras' "
-            "convention is moving = momentum * moving + (1 - momentum) * batch, "
-            "so PyTorch's momentum=0.1 is 0.9 here."
-        )
-    return value
 
 
 def _assign(variable, value):
@@ -98,11 +64,13 @@ class BatchNormalization(keras.layers.Layer):
     Args:
         axis: Feature axis or list of axes (e.g. `-1`, `1` for channels_first,
             `[1, 3]`). Statistics are computed over all other axes.
-        momentum: Momentum of the moving averages in [0, 1), Keras convention:
-            `moving = momentum * moving + (1 - momentum) * batch`. None gives
-            the cumulative average of all batches since the last
-            `reset_moving_statistics()` (the paper's population statistics).
-        epsilon: Positive constant added to the variance.
+        momentum: Momentum of the moving averages in [0, 1], Keras convention:
+            `moving = momentum * moving + (1 - momentum) * batch` (1.0 keeps
+            the statistics frozen). None gives the cumulative average of all
+            batches since the last `reset_moving_statistics()` (the paper's
+            population statistics). Validated on assignment too.
+        epsilon: Constant >= 0 added to the variance (0 warns: a constant
+            feature then divides by zero). Validated on assignment too.
         center: Whether to add the learned offset `beta`.
         scale: Whether to multiply by the learned scale `gamma`.
         beta_initializer: Initializer for `beta`.
@@ -137,16 +105,29 @@ class BatchNormalization(keras.layers.Layer):
             float16 or bfloat16 compute dtype, and no renorm, ghost batches,
             mask or synchronization; otherwise the general path with a
             closed-form backward. False always takes the general path. True
-            requires the fused kernel and raises a ValueError naming what
-            prevents it. Both paths give the same results within float32
+            requires the fused kernel: settings that can never run fused
+            (renorm, ghost batches, synchronization, several axes) raise a
+            ValueError at construction, and what is known only at call time
+            (rank, axis, dtype, a mask) raises in training mode (inference
+            runs no kernel). Both paths give the same results within float32
             rounding (moving statistics included).
         **kwargs: Base layer arguments (`name`, `dtype`, `trainable`, ...).
 
     Call arguments:
         inputs: A tensor of any rank >= 1.
         training: Python bool, None, or a scalar `tf.bool` tensor.
-        mask: Optional boolean mask shaped like `inputs` without the feature
-            axes; masked values do not enter the statistics.
+        mask: Optional boolean mask shaped like `inputs` without the last
+            axis (Keras' convention, as the stock layer reads it for every
+            `axis`: it is expanded at the last axis). Masked values do not
+            enter the statistics; a feature with no unmasked value keeps its
+            moving statistics.
+
+    Differences from `keras.layers.BatchNormalization`, all deliberate:
+    statistics in float32 and accurate far from zero; a batch (or feature)
+    with fewer than two values, or non-finite statistics, does not update the
+    moving statistics (with one value per feature the output is `beta`, as
+    in the stock layer, and a warning is logged); `fused=True` is honoured
+    rather than ignored.
     """
 
     def __init__(
@@ -174,19 +155,10 @@ class BatchNormalization(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self._axes = _normalize_axes(axis)
+        self._axes = arguments.axis_list(axis)
         self.axis = axis if isinstance(axis, int) else list(axis)
-        self.momentum = _validate_momentum("momentum", momentum, allow_none=True)
-        try:
-            self.epsilon = float(epsilon)
-        except (TypeError, ValueError):
-            raise TypeError(f"`epsilon` must be a float; received {epsilon!r}.") from None
-        if not self.epsilon > 0.0:
-            raise ValueError(
-                f"`epsilon` must be > 0; received {epsilon!r}. It keeps "
-                "1 / sqrt(variance + epsilon) finite; 1e-3 (Keras) or 1e-5 "
-                "(TF1, PyTorch) are the usual values."
-            )
+        self.momentum = momentum
+        self.epsilon = epsilon
         self.center = bool(center)
         self.scale = bool(scale)
         self.beta_initializer = keras.initializers.get(beta_initializer)
@@ -199,58 +171,91 @@ class BatchNormalization(keras.layers.Layer):
         self.gamma_constraint = keras.constraints.get(gamma_constraint)
         self.renorm = bool(renorm)
         self.renorm_clipping = renorm_lib.validate_clipping(renorm_clipping) if renorm else None
-        self.renorm_momentum = _validate_momentum(
-            "renorm_momentum", renorm_momentum, allow_none=False
-        )
+        self.renorm_momentum = renorm_momentum
         self.synchronized = bool(synchronized)
-        if moving_variance_estimator not in VARIANCE_ESTIMATORS:
+        self.moving_variance_estimator = arguments.variance_estimator(moving_variance_estimator)
+        self.virtual_batch_size = arguments.virtual_batch_size(virtual_batch_size)
+        if self.virtual_batch_size is not None and self.synchronized:
             raise ValueError(
-                "`moving_variance_estimator` must be one of "
-                f"{VARIANCE_ESTIMATORS}; received {moving_variance_estimator!r}."
+                "`virtual_batch_size` and `synchronized=True` contradict each other (ghost "
+                "batches are local by definition); choose one."
             )
-        self.moving_variance_estimator = moving_variance_estimator
-        if virtual_batch_size is not None:
-            if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int):
-                raise TypeError(
-                    "`virtual_batch_size` must be a positive int or None; "
-                    f"received {virtual_batch_size!r}."
-                )
-            if virtual_batch_size < 2:
-                raise ValueError(
-                    "`virtual_batch_size` must be >= 2 (a ghost batch of one "
-                    f"sample has no variance); received {virtual_batch_size}."
-                )
-            if self.synchronized:
-                raise ValueError(
-                    "`virtual_batch_size` and `synchronized=True` contradict "
-                    "each other (ghost batches are local by definition); "
-                    "choose one."
-                )
-        self.virtual_batch_size = virtual_batch_size
         if fused is not None and not isinstance(fused, bool):
             raise TypeError(f"`fused` must be None, True or False; received {fused!r}.")
         self.fused = fused
+        if fused:
+            # What can be checked before the rank is known: a stand-in
+            # channels-last rank-4 layout for one axis.
+            self._check_fusable(
+                bn.fused_blocker(
+                    4,
+                    [3] if len(self._axes) == 1 else self._axes,
+                    "float32",
+                    renorm=self.renorm,
+                    virtual_batch_size=self.virtual_batch_size,
+                    synchronized=self.synchronized,
+                )
+            )
         self.supports_masking = True
 
         self.gamma = None
         self.beta = None
         self.moving_mean = None
         self.moving_variance = None
+        self.moving_stddev = None
+        self.renorm_mean = None
+        self.renorm_stddev = None
         self.num_batches_tracked = None
+
+    # --------------------------------------------------- validated settings
+
+    @property
+    def momentum(self) -> float | None:
+        """Momentum of the moving averages (None: cumulative average)."""
+        return self._momentum
+
+    @momentum.setter
+    def momentum(self, value):
+        value = arguments.momentum(value, allow_none=True)
+        if getattr(self, "built", False) and (value is None) != (self._momentum is None):
+            raise ValueError(
+                f"`momentum` cannot switch between None and a float after the layer is built "
+                f"(it is {self._momentum!r}, received {value!r}): the cumulative average "
+                "keeps a count variable. Create the layer with the momentum you need."
+            )
+        self._momentum = value
+
+    @property
+    def epsilon(self) -> float:
+        """The constant added to the variance."""
+        return self._epsilon
+
+    @epsilon.setter
+    def epsilon(self, value):
+        self._epsilon = arguments.epsilon(value)
+
+    @property
+    def renorm_momentum(self) -> float:
+        """Momentum of the renorm moving mean and stddev."""
+        return self._renorm_momentum
+
+    @renorm_momentum.setter
+    def renorm_momentum(self, value):
+        self._renorm_momentum = arguments.momentum(value, name="renorm_momentum")
+
+    def _check_fusable(self, reason: str | None) -> None:
+        if reason is not None:
+            raise ValueError(
+                f"BatchNormalization {self.name!r} has fused=True but the fused kernel "
+                f"cannot run: {reason}. Use fused=None to pick the kernel automatically, "
+                "or fused=False."
+            )
 
     # ------------------------------------------------------------------ build
 
-    def _feature_axes(self, rank: int) -> list[int]:
-        axes = []
-        for axis in self._axes:
-            if not -rank <= axis < rank:
-                raise ValueError(f"`axis`={self.axis!r} is out of range for inputs of rank {rank}.")
-            axes.append(axis % rank)
-        return sorted(axes)
-
     def build(self, input_shape):
         rank = len(input_shape)
-        axes = self._feature_axes(rank)
+        axes = arguments.feature_axes(self.axis, rank)
         if self.virtual_batch_size is not None and 0 in axes:
             raise ValueError(
                 "`virtual_batch_size` splits the batch axis 0, which is in "
@@ -334,197 +339,79 @@ class BatchNormalization(keras.layers.Layer):
 
     def call(self, inputs, training=None, mask=None):
         mode = resolve_training(training) if self.trainable else False
-        fused = self._use_fused(mask)
+        axes = self._feature_axes_built
+        use_fused_kernel = mode is not False and self._use_fused_kernel(mask)
         # The fused kernel takes low-precision inputs with float32 statistics.
-        x = tf.cast(inputs, self.compute_dtype if fused else tf.float32)
-        if mask is not None:
-            mask = self._expand_mask(mask, x)
-        if mode is False:
-            outputs = self._inference(x)
-        elif mode is True:
-            outputs, update = self._training(x, mask, fused)
-            self._record_update(*update)
-        else:
-            outputs, update = self._training_or_inference(mode, x, mask, fused)
-            self._record_update(*update)
+        x = tf.cast(inputs, self.compute_dtype if use_fused_kernel else tf.float32)
+        outputs, batch = bn.normalize(
+            x,
+            self.gamma.value if self.scale else None,
+            self.beta.value if self.center else None,
+            self._read_statistics(),
+            axes,
+            self.epsilon,
+            training_mode=mode,
+            use_fused_kernel=use_fused_kernel,
+            mask=None if mask is None else self._expand_mask(mask, x),
+            virtual_batch_size=self.virtual_batch_size,
+            synchronized=self.synchronized,
+            renorm_clipping=self.renorm_clipping,
+        )
+        if batch is not None:
+            self._record_update(batch)
         return tf.cast(outputs, self.compute_dtype)
 
-    def _fused_ineligibility(self, mask) -> str | None:
-        """Why the fused kernel cannot run this call, or None if it can."""
-        if len(self._feature_axes_built) != 1:
-            return f"it normalizes over several axes (axis={self.axis!r})"
-        if fused_lib.layout(self._rank, self._feature_axes_built[0]) is None:
-            return (
-                f"axis={self.axis!r} of a rank-{self._rank} input is neither the "
-                "last axis nor axis 1 of a rank 2 to 5 input"
-            )
-        if tf.as_dtype(self.compute_dtype) not in fused_lib.SUPPORTED_DTYPES:
-            return f"the compute dtype {self.compute_dtype} is not float32, float16 or bfloat16"
-        if self.renorm:
-            return "renorm=True"
-        if self.virtual_batch_size is not None:
-            return f"virtual_batch_size={self.virtual_batch_size}"
-        if self.synchronized:
-            return "synchronized=True"
-        if mask is not None:
-            return "a mask was passed"
-        return None
-
-    def _use_fused(self, mask) -> bool:
+    def _use_fused_kernel(self, mask) -> bool:
         if self.fused is False:
             return False
-        reason = self._fused_ineligibility(mask)
-        if reason is not None and self.fused:
-            raise ValueError(
-                f"BatchNormalization {self.name!r} has fused=True but the fused "
-                f"kernel cannot run: {reason}. Use fused=None to pick the "
-                "kernel automatically, or fused=False."
-            )
+        reason = bn.fused_blocker(
+            self._rank,
+            self._feature_axes_built,
+            self.compute_dtype,
+            renorm=self.renorm,
+            virtual_batch_size=self.virtual_batch_size,
+            synchronized=self.synchronized,
+            masked=mask is not None,
+        )
+        if self.fused:
+            self._check_fusable(reason)
         return reason is None
 
     def _expand_mask(self, mask, x):
-        """Reshapes a mask without feature axes to broadcast against `x`."""
+        """A Keras mask (the input's shape without the last axis) as weights for `x`."""
         mask = tf.convert_to_tensor(mask)
-        expected_rank = self._rank - len(self._feature_axes_built)
-        if mask.shape.rank != expected_rank:
+        if mask.shape.rank != self._rank - 1:
             raise ValueError(
-                f"`mask` must have the input's shape without the feature axes "
-                f"(rank {expected_rank}); received mask shape {mask.shape} for "
-                f"inputs of shape {x.shape} and axis={self.axis!r}."
+                f"`mask` must have the input's shape without the last axis (rank "
+                f"{self._rank - 1}, Keras' convention); received mask shape {mask.shape} "
+                f"for inputs of shape {x.shape}."
             )
-        for axis in self._feature_axes_built:
-            mask = tf.expand_dims(mask, axis)
-        return tf.cast(mask, tf.float32)
+        return tf.cast(tf.expand_dims(mask, -1), tf.float32)
 
-    def _broadcast(self, value):
-        """Reshapes a parameter-shaped tensor to broadcast against the input."""
-        shape = [1] * self._rank
-        for axis, size in zip(self._feature_axes_built, self._param_shape):
-            shape[axis] = size
-        return tf.reshape(value, shape)
+    # ---------------------------------------------------------- statistics
 
-    def _affine_parameters(self):
-        gamma = self.gamma.value if self.scale else tf.ones(self._param_shape)
-        beta = self.beta.value if self.center else tf.zeros(self._param_shape)
-        return tf.convert_to_tensor(gamma), tf.convert_to_tensor(beta)
+    @property
+    def moving_statistics(self) -> dict:
+        """Every moving statistic the layer keeps, by name (`tfbn.nn.batch_norm.STATISTIC_NAMES`).
 
-    def _inference(self, x):
-        # x * a + b on every path: as fast as the fused inference kernel here
-        # (BENCHMARKS.md) and bit-identical to the stock Keras layer.
-        x = tf.cast(x, tf.float32)
-        gamma, beta = self._affine_parameters()
-        # The precomputed constants a and b: one multiply-add per value.
-        a = gamma * tf.math.rsqrt(self.moving_variance.value + self.epsilon)
-        b = beta - self.moving_mean.value * a
-        return x * self._broadcast(a) + self._broadcast(b)
-
-    def _check_values_per_feature(self, x):
-        static = [
-            x.shape[axis] for axis in range(self._rank) if axis not in self._feature_axes_built
-        ]
-        if all(size is not None for size in static):
-            count = 1
-            for size in static:
-                count *= size
-            if count == 1:
-                raise ValueError(
-                    f"BatchNormalization {self.name!r} got one value per "
-                    f"feature in training mode (input shape {tuple(x.shape)}, "
-                    f"axis={self.axis!r}): its variance is undefined. Use a "
-                    "batch of at least 2, or call with training=False."
-                )
-
-    def _kernel_view(self, x):
-        """`x` as the fused kernel's rank 4 or 5 input, and its data format."""
-        data_format, expand_axis = fused_lib.layout(self._rank, self._feature_axes_built[0])
-        return fused_lib.to_kernel_rank(x, expand_axis), data_format
-
-    def _training(self, x, mask, fused=False):
-        """Normalizes with batch statistics.
-
-        Returns:
-            `(outputs, update)` where `update` is `(mean, variance, count,
-            valid)` in the parameter shape, for `_record_update`.
+        `moving_mean` and `moving_variance`; with renorm `moving_stddev`,
+        `renorm_mean` and `renorm_stddev`; with `momentum=None`
+        `num_batches_tracked`. Empty before the layer is built.
         """
-        self._check_values_per_feature(x)
-        if fused:
-            gamma, beta = self._affine_parameters()
-            kernel_x, data_format = self._kernel_view(x)
-            outputs, mean, variance, count = fused_lib.batch_norm_training(
-                kernel_x, gamma, beta, self.epsilon, data_format
-            )
-            outputs = tf.reshape(outputs, tf.shape(x))
-            return outputs, self._update_arguments(mean, variance, count)
-        ghost = self.virtual_batch_size
-        if ghost is not None and x.shape[0] is not None and x.shape[0] % ghost:
-            raise ValueError(
-                f"`virtual_batch_size`={ghost} must divide the batch size in "
-                f"training mode; received inputs of shape {tuple(x.shape)}."
-            )
-        gamma, beta = self._affine_parameters()
-        renorm_statistics = None
-        if self.renorm:
-            renorm_statistics = (
-                tf.convert_to_tensor(self.renorm_mean.value),
-                tf.convert_to_tensor(self.renorm_stddev.value),
-            )
-        outputs, mean, variance, count = closed_form.normalize_features(
-            x,
-            gamma,
-            beta,
-            tf.convert_to_tensor(self.moving_mean.value),
-            tf.convert_to_tensor(self.moving_variance.value),
-            self._feature_axes_built,
-            self.epsilon,
-            mask=mask,
-            virtual_batch_size=ghost,
-            synchronized=self.synchronized,
-            renorm_statistics=renorm_statistics,
-            renorm_clipping=self.renorm_clipping,
-        )
-        return outputs, self._update_arguments(mean, variance, count)
+        found = ((name, getattr(self, name)) for name in bn.STATISTIC_NAMES)
+        return {name: variable for name, variable in found if variable is not None}
 
-    def _update_arguments(self, update_mean, update_variance, count):
-        """`(mean, variance, count, valid)` in the parameter shape."""
-        valid = tf.logical_and(
-            tf.reduce_all(count >= _MIN_VALUES_PER_FEATURE),
-            tf.logical_and(
-                tf.reduce_all(tf.math.is_finite(update_mean)),
-                tf.reduce_all(tf.math.is_finite(update_variance)),
-            ),
-        )
-        count = tf.reduce_min(count)
-        return (
-            tf.reshape(update_mean, self._param_shape),
-            tf.reshape(update_variance, self._param_shape),
-            count,
-            valid,
+    def _read_statistics(self) -> bn.MovingStatistics:
+        return bn.MovingStatistics(
+            **{
+                name: tf.convert_to_tensor(variable.value)
+                for name, variable in self.moving_statistics.items()
+            }
         )
 
-    def _training_or_inference(self, training, x, mask, fused):
-        """Both modes behind a `tf.bool` tensor; the update is gated on it."""
-
-        def train_branch():
-            outputs, (mean, variance, count, valid) = self._training(x, mask, fused)
-            return outputs, mean, variance, count, valid
-
-        def inference_branch():
-            return (
-                self._inference(x),
-                tf.zeros(self._param_shape),
-                tf.zeros(self._param_shape),
-                tf.zeros([]),
-                tf.constant(False),
-            )
-
-        outputs, mean, variance, count, valid = tf.cond(training, train_branch, inference_branch)
-        return outputs, (mean, variance, count, valid)
-
-    # ---------------------------------------------------------- updates
-
-    def _record_update(self, mean, variance, count, valid):
+    def _record_update(self, batch: bn.BatchStatistics) -> None:
         def apply_fn():
-            return self._apply_update(mean, variance, count, valid)
+            return self._apply_update(batch)
 
         collector = active_collector()
         if collector is None:
@@ -540,65 +427,39 @@ class BatchNormalization(keras.layers.Layer):
                 PendingUpdate(path=self.path or self.name, layer=self, apply_fn=apply_fn)
             )
 
-    def _apply_update(self, mean, variance, count, valid) -> list:
-        """Folds one batch's statistics into the moving statistics.
+    def _apply_update(self, batch: bn.BatchStatistics) -> list:
+        """Folds one batch into the moving statistics; returns the assign ops.
 
-        Every variable is assigned `where(valid, new, old)`, so an untrusted
-        batch (or `training` False behind a tensor) leaves it bit-identical.
+        The statistics are read when the update runs, so the updates of a
+        layer called twice compose in order.
         """
-        if self.moving_variance_estimator == "unbiased":
-            variance = moments_lib.bessel_corrected(variance, count)
-        num_batches = self.num_batches_tracked.value if self.momentum is None else None
-
-        def folded(variable, batch, momentum=self.momentum):
-            old = tf.convert_to_tensor(variable.value)
-            new = moving_averages.update_moving_statistic(old, batch, momentum, num_batches)
-            return tf.where(valid, new, old)
-
-        new_values = [(self.moving_mean, folded(self.moving_mean, mean))]
-        if self.renorm:
-            renormed = renorm_lib.updated_statistics(
-                renorm_lib.RenormStatistics(
-                    moving_stddev=tf.convert_to_tensor(self.moving_stddev.value),
-                    moving_variance=tf.convert_to_tensor(self.moving_variance.value),
-                    renorm_mean=tf.convert_to_tensor(self.renorm_mean.value),
-                    renorm_stddev=tf.convert_to_tensor(self.renorm_stddev.value),
-                ),
-                mean,
-                variance,
-                epsilon=self.epsilon,
-                momentum=self.momentum,
-                renorm_momentum=self.renorm_momentum,
-                valid=valid,
-                num_batches=num_batches,
-            )
-            new_values += [
-                (self.moving_stddev, renormed.moving_stddev),
-                (self.moving_variance, renormed.moving_variance),
-                (self.renorm_mean, renormed.renorm_mean),
-                (self.renorm_stddev, renormed.renorm_stddev),
-            ]
-        else:
-            new_values.append((self.moving_variance, folded(self.moving_variance, variance)))
-        if self.momentum is None:
-            new_values.append((self.num_batches_tracked, num_batches + tf.cast(valid, tf.int64)))
-        return [_assign(variable, value) for variable, value in new_values]
+        rule = bn.UpdateRule(
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            variance_estimator=self.moving_variance_estimator,
+            renorm_momentum=self.renorm_momentum if self.renorm else None,
+        )
+        new = bn.updated_statistics(self._read_statistics(), batch, rule)
+        variables = self.moving_statistics
+        return [_assign(variables[name], value) for name, value in new.items()]
 
     def reset_moving_statistics(self) -> None:
-        """Re-initializes the moving statistics (and the cumulative count)."""
+        """Re-initializes every moving statistic (renorm ones and the count included)."""
         if not self.built:
             return
-        for variable, initializer in self._moving_initializers():
-            variable.assign(initializer(variable.shape, dtype=variable.dtype))
-
-    def _moving_initializers(self):
-        pairs = [
-            (self.moving_mean, self.moving_mean_initializer),
-            (self.moving_variance, self.moving_variance_initializer),
-        ]
-        if self.num_batches_tracked is not None:
-            pairs.append((self.num_batches_tracked, keras.initializers.Zeros()))
-        return pairs
+        shape = self._param_shape
+        mean = self.moving_mean_initializer(shape, dtype="float32")
+        variance = self.moving_variance_initializer(shape, dtype="float32")
+        initial = {
+            "moving_mean": mean,
+            "moving_variance": variance,
+            "moving_stddev": tf.sqrt(variance),
+            "renorm_mean": mean,
+            "renorm_stddev": tf.sqrt(variance),
+            "num_batches_tracked": tf.zeros([], tf.int64),
+        }
+        for name, variable in self.moving_statistics.items():
+            variable.assign(initial[name])
 
     # ------------------------------------------------------------ config
 

@@ -44,7 +44,7 @@ def inference_scale_shift(layer) -> tuple[np.ndarray, np.ndarray]:
     """The per-feature constants of inference mode, `y = x * a + b`, in float64.
 
     `a = gamma / sqrt(moving_variance + epsilon)` and
-    `b = beta - moving_mean * a` (seed 000's precomputed scale and shift);
+    `b = beta - moving_mean * a` (BN's inference transform precomputed once as a scale and a shift);
     a layer without `scale` has gamma 1, one without `center` has beta 0.
     Float64 keeps the folded constants as accurate as float32 allows.
     """

@@ -170,9 +170,11 @@ def normalize_features(
             and called with the shape of the (ghost-batch view of the) input.
 
     Returns:
-        `(outputs, mean, variance, count)`: the output shaped like `x`; the
-        batch mean and biased variance in the parameter shape (averaged over
-        ghost batches); the number of values per feature (per ghost batch).
+        `(outputs, mean, variance, count, values)`: the output shaped like
+        `x`; then in the parameter shape the batch mean and biased variance
+        (averaged over ghost batches), the number of values (sum of weights)
+        and the number of values with a positive weight, per feature (the
+        fewest of any ghost batch).
     """
     param_shape = gamma.shape
     ghost = virtual_batch_size
@@ -234,10 +236,22 @@ def normalize_features(
         adjust_scale, adjust_bias = (tf.cast(t, tf.float32) for t in adjustment(tf.shape(data)))
         normalized, stats = normalize(tf.ones_like(gamma), tf.zeros_like(beta))
         outputs = (normalized * adjust_scale + adjust_bias) * gamma + beta
-    mean, variance, count = stats.mean, stats.variance, stats.count
+    mean, variance = stats.mean, stats.variance
+    count = tf.broadcast_to(stats.count, tf.shape(mean))
+    if mask is None:
+        values = count
+    else:
+        # Weights need not be 0 or 1 (TF1's batch_weights): what makes
+        # statistics trustworthy is how many values have a positive weight.
+        positive = tf.cast(tf.broadcast_to(mask > 0, tf.shape(data)), tf.float32)
+        values = moments_lib.sum_over_axes(positive, reduction_axes)
+        context = moments_lib.replica_context() if synchronized else None
+        if context is not None:
+            values = context.all_reduce(tf.distribute.ReduceOp.SUM, values)
     if ghost is not None:
         outputs = tf.reshape(outputs, tf.shape(x))
         mean = tf.reduce_mean(mean, axis=1, keepdims=True)
         variance = tf.reduce_mean(variance, axis=1, keepdims=True)
-        count = tf.reduce_min(count)
-    return outputs, tf.reshape(mean, param_shape), tf.reshape(variance, param_shape), count
+        count = tf.reduce_min(count, axis=1, keepdims=True)
+        values = tf.reduce_min(values, axis=1, keepdims=True)
+    return outputs, *(tf.reshape(t, param_shape) for t in (mean, variance, count, values))

@@ -43,8 +43,9 @@ def validate_clipping(renorm_clipping: Mapping | None) -> dict:
     unknown = set(clipping) - set(CLIPPING_KEYS)
     if unknown:
         raise ValueError(
-            f"`renorm_clipping` has unknown keys {sorted(unknown)}; the keys "
-            f"are {list(CLIPPING_KEYS)}. Received {renorm_clipping!r}."
+            f"`renorm_clipping` has unknown keys {sorted(unknown)}; the keys are "
+            f"{list(CLIPPING_KEYS)}. Received invalid keys for renorm_clipping: "
+            f"{renorm_clipping!r}."
         )
     rmin, rmax, dmax = (clipping.get(key) for key in ("rmin", "rmax", "dmax"))
     if rmin is not None and rmax is not None and rmax < rmin:
@@ -54,6 +55,11 @@ def validate_clipping(renorm_clipping: Mapping | None) -> dict:
     if dmax is not None and dmax < 0:
         raise ValueError(f"`renorm_clipping` needs dmax >= 0; received dmax={dmax}.")
     return clipping
+
+
+def stddev_from_variance(variance, epsilon: float):
+    """The stddev renorm keeps for a variance, `sqrt(variance + epsilon)`."""
+    return tf.sqrt(variance + epsilon)
 
 
 def correction(
@@ -78,7 +84,7 @@ def correction(
     Returns:
         `(r, d)`, float32, shaped like `mean`, wrapped in `stop_gradient`.
     """
-    stddev = tf.sqrt(variance + epsilon)
+    stddev = stddev_from_variance(variance, epsilon)
     # The floor keeps r and d finite early in training, as tf-keras and Keras do.
     renorm_stddev = tf.maximum(renorm_stddev, tf.sqrt(epsilon))
     r = stddev / renorm_stddev
@@ -137,7 +143,7 @@ def updated_statistics(
         derived from the new moving stddev, `relu(stddev^2 - epsilon)` (the
         relu absorbs rounding), as Keras does.
     """
-    stddev = tf.sqrt(variance + epsilon)
+    stddev = stddev_from_variance(variance, epsilon)
 
     def folded(old_value, batch, rule_momentum, count=None):
         new = moving_averages.update_moving_statistic(old_value, batch, rule_momentum, count)

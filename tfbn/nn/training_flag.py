@@ -8,12 +8,10 @@ anything that is not clearly a boolean is rejected.
 
 from __future__ import annotations
 
-from typing import Union
-
 import numpy as np
 import tensorflow as tf
 
-TrainingMode = Union[bool, tf.Tensor]
+TrainingMode = bool | tf.Tensor
 
 
 def resolve_training(training, argument_name: str = "training") -> TrainingMode:

@@ -1,7 +1,13 @@
 """Inference and statistics tools for tfbn and stock Keras BN layers.
 
-`folding` (fold BN into the preceding Conv/Dense), `population_statistics`
-(recompute exact population statistics), `conversion` (stock Keras <-> tfbn,
-PyTorch state dicts), `auditing` (find BN mistakes in a model), `model_graph`
-(where BN layers sit in a graph) and `cli` (`tfbn-tools`).
+`tfbn.tools.folding` (fold BN into the preceding Conv/Dense),
+`tfbn.tools.population_statistics` (recompute exact population statistics),
+`tfbn.tools.stored_statistics` (how population statistics become a layer's
+stored values), `tfbn.tools.conversion` (stock Keras <-> tfbn, PyTorch state
+dicts), `tfbn.tools.auditing` (find BN mistakes in a model),
+`tfbn.tools.model_graph` (where BN layers sit in a graph) and
+`tfbn.tools.cli` (`tfbn-tools`, also `python -m tfbn.tools`).
+
+The library speaks Python: its errors name arguments (`num_batches`), and
+only `tfbn.tools.cli` names flags (`--num-batches`).
 """

@@ -61,13 +61,28 @@ class AuditReport:
     findings: list[Finding]
 
     def count(self, severity: str) -> int:
-        """How many findings have `severity`."""
+        """How many findings have `severity`.
+
+        Args:
+            severity: `"error"`, `"warning"` or `"info"`.
+
+        Returns:
+            The number of findings of that severity.
+
+        Raises:
+            ValueError: For an unknown severity.
+        """
         if severity not in SEVERITIES:
             raise ValueError(f"`severity` must be one of {SEVERITIES}; received {severity!r}.")
         return sum(finding.severity == severity for finding in self.findings)
 
     def to_text(self) -> str:
-        """A plain-text table: severity, layer, check, message."""
+        """The report as text.
+
+        Returns:
+            A plain-text table (severity, layer, check, message) and a summary
+            line of the counts.
+        """
         header = ("SEVERITY", "LAYER", "CHECK", "MESSAGE")
         rows = [header] + [(f.severity, f.layer, f.check, f.message) for f in self.findings]
         widths = [max(len(row[column]) for row in rows) for column in range(3)]
@@ -81,7 +96,11 @@ class AuditReport:
         return "\n".join(lines + [f"BN audit: {summary}"])
 
     def to_json(self) -> str:
-        """`{"findings": [...], "counts": {...}}` as a JSON string."""
+        """The report as JSON.
+
+        Returns:
+            `{"findings": [...], "counts": {...}}` as an indented JSON string.
+        """
         return json.dumps(
             {
                 "findings": [dataclasses.asdict(f) for f in self.findings],
@@ -114,6 +133,11 @@ def audit(
 
     Returns:
         An `AuditReport`; nothing in the model is changed.
+
+    Raises:
+        ValueError: As `tfbn.tools.population_statistics.population_moments`
+            for a bad `dataset` or `num_batches`.
+        TypeError: For an unbatched array as `dataset`.
     """
     findings: list[Finding] = []
     layers = introspection.batch_norm_layers(model)

@@ -7,12 +7,20 @@
 
 `--data` is a `.npy` array of model inputs, or a `.npz` archive read with
 `--data-key` (default: its only array); it is cut into `--batch-size` batches.
+
+User errors (a missing or invalid file, data whose shape the model cannot
+take, a bad option value) end the command with one line on stderr,
+`tfbn-tools: error: ...`, and exit status 2. The library's messages name
+Python arguments; this module rewrites them to the flags that set them.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
+import zipfile
 
 import keras
 import numpy as np
@@ -20,16 +28,79 @@ import numpy as np
 import tfbn  # noqa: F401  Registers tfbn's layers for loading.
 from tfbn.tools import auditing, conversion, folding, population_statistics
 
+# Python argument names in library errors -> the flags that set them here.
+_FLAG_OF_ARGUMENT = {
+    "num_batches": "--num-batches",
+    "batch_size": "--batch-size",
+    "to": "--to",
+}
+_MAX_MESSAGE = 400
+
+
+class UsageError(Exception):
+    """A mistake in the command line or its input files; reported in one line."""
+
+
+def load_model(path: str):
+    """Loads a `.keras` model, with a one-line error for a bad file.
+
+    Args:
+        path: The model file.
+
+    Returns:
+        The loaded Keras model.
+
+    Raises:
+        UsageError: When `path` does not exist, or exists but is not a valid
+            Keras model file.
+    """
+    if not os.path.exists(path):
+        raise UsageError(f"model file {path} does not exist.")
+    if os.path.isdir(path):
+        raise UsageError(f"model file {path} is a directory; pass a .keras file.")
+    if path.endswith(".keras") and not zipfile.is_zipfile(path):
+        # Keras would say "File not found" for a file that is there.
+        raise UsageError(
+            f"model file {path} is invalid: a .keras model is a zip archive and this "
+            "file is not one. Pass a file written by model.save()."
+        )
+    try:
+        return keras.models.load_model(path)
+    except Exception as error:  # Keras raises many types for a corrupt file.
+        reason = _first_line(error)
+        detail = "" if "not found" in reason.lower() else f" ({type(error).__name__}: {reason})"
+        raise UsageError(
+            f"model file {path} is invalid: it could not be loaded as a Keras model"
+            f"{detail}. Pass a .keras file written by model.save()."
+        ) from error
+
 
 def load_batches(path: str, batch_size: int, key: str | None = None) -> list[np.ndarray]:
     """Reads model inputs from `.npy`/`.npz` and splits them into batches.
 
+    Args:
+        path: A `.npy` array, or a `.npz` archive of arrays.
+        batch_size: Rows per batch (the last batch may be smaller).
+        key: The array to use inside a `.npz` archive; None for its only one.
+
+    Returns:
+        The batches, in order.
+
     Raises:
         ValueError: For a bad batch size, or an ambiguous/missing `.npz` key.
+        UsageError: For a missing or invalid data file, or a 0-d array.
     """
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1; received {batch_size}.")
-    loaded = np.load(path)
+    if not os.path.isfile(path):
+        raise UsageError(f"data file {path} does not exist.")
+    try:
+        loaded = np.load(path)
+    except (ValueError, OSError) as error:
+        raise UsageError(
+            f"data file {path} is invalid: it is not a .npy or .npz file NumPy can "
+            f"read without pickle ({_first_line(error)})."
+        ) from error
     if isinstance(loaded, np.ndarray):
         inputs = loaded
     else:
@@ -41,11 +112,65 @@ def load_batches(path: str, batch_size: int, key: str | None = None) -> list[np.
             if key not in names:
                 raise ValueError(f"{path} has no array {key!r}; it holds {names}.")
             inputs = loaded[key]
+    if inputs.ndim == 0:
+        raise UsageError(f"data file {path} holds a single number; it needs a batch axis.")
     return [inputs[start : start + batch_size] for start in range(0, len(inputs), batch_size)]
 
 
+def check_inputs_fit(model, batches: list[np.ndarray], path: str) -> None:
+    """Checks that the data's shape fits a single-input model's input.
+
+    Args:
+        model: The loaded model.
+        batches: Batches from `load_batches`.
+        path: The data file, for the message.
+
+    Raises:
+        UsageError: For a rank or a dimension that the model cannot take.
+    """
+    if not batches or len(model.inputs) != 1:
+        return  # Multi-input models: leave the check to the model.
+    expected = tuple(model.inputs[0].shape)
+    received = batches[0].shape
+    fits = len(received) == len(expected) and all(
+        want is None or want == got for want, got in zip(expected[1:], received[1:])
+    )
+    if not fits:
+        shown = tuple("batch" if d is None else d for d in expected)
+        raise UsageError(
+            f"data in {path} has shape {(None,) + tuple(received[1:])} per batch (rank "
+            f"{len(received)}), but model {model.name!r} takes inputs of shape {shown} "
+            f"(rank {len(expected)}). Save the inputs with that shape."
+        )
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def flag_message(message: str) -> str:
+    """A library error message with Python argument names replaced by flags.
+
+    Args:
+        message: The text of an exception raised by `tfbn.tools`.
+
+    Returns:
+        One line, at most a few hundred characters, naming `--num-batches`
+        where the library said `num_batches` (and likewise for every flag).
+    """
+    text = " ".join(message.split())
+    for argument, flag in _FLAG_OF_ARGUMENT.items():
+        text = text.replace(f"`{argument}`", flag)
+        if "_" in argument:  # Bare names like "to" are ordinary words too.
+            text = re.sub(rf"\b{argument}\b", flag, text)
+    if len(text) > _MAX_MESSAGE:
+        text = text[: _MAX_MESSAGE - 3] + "..."
+    return text
+
+
 def _fold(args) -> int:
-    model = keras.models.load_model(args.model)
+    model = load_model(args.model)
     folded, decisions = folding.fold_batch_norm(model, return_report=True)
     for decision in decisions:
         if decision.reason is None:
@@ -57,8 +182,9 @@ def _fold(args) -> int:
 
 
 def _recompute(args) -> int:
-    model = keras.models.load_model(args.model)
+    model = load_model(args.model)
     batches = load_batches(args.data, args.batch_size, args.data_key)
+    check_inputs_fit(model, batches, args.data)
     population_statistics.recompute_statistics(
         model, batches, num_batches=args.num_batches, progress=not args.quiet
     )
@@ -67,14 +193,17 @@ def _recompute(args) -> int:
 
 
 def _convert(args) -> int:
-    model = keras.models.load_model(args.model)
+    model = load_model(args.model)
     conversion.convert_batch_norm(model, to=args.to).save(args.output)
     return 0
 
 
 def _audit(args) -> int:
-    model = keras.models.load_model(args.model)
-    batches = load_batches(args.data, args.batch_size, args.data_key) if args.data else None
+    model = load_model(args.model)
+    batches = None
+    if args.data:
+        batches = load_batches(args.data, args.batch_size, args.data_key)
+        check_inputs_fit(model, batches, args.data)
     report = auditing.audit(model, batches, num_batches=args.num_batches)
     text = report.to_json() if args.format == "json" else report.to_text()
     if args.output:
@@ -131,9 +260,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs one subcommand; returns the process exit status."""
+    """Runs one subcommand; returns the process exit status.
+
+    User errors (a missing or invalid file, data of the wrong shape, a bad
+    option value) print one line, `tfbn-tools: error: ...`, to stderr and
+    return 2, with the library's Python argument names given as this
+    command's flags. Other exceptions propagate with their traceback.
+
+    Args:
+        argv: The arguments after the program name; None reads `sys.argv`.
+
+    Returns:
+        0 on success, 1 for `audit --fail-on-error` with errors, 2 for a
+        user error (argparse's own errors exit with 2 as well).
+    """
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (UsageError, ValueError, TypeError, OSError) as error:
+        print(f"tfbn-tools: error: {flag_message(str(error))}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -34,6 +34,21 @@ _TARGETS = ("tfbn", "keras")
 _TFBN_ONLY_KEYS = ("moving_variance_estimator", "virtual_batch_size", "fused")
 
 
+def keras_momentum(torch_momentum: float | None) -> float | None:
+    """The Keras/tfbn momentum of a PyTorch BN momentum: `1 - torch_momentum`.
+
+    PyTorch weighs the *batch* by its momentum, Keras the *moving* value;
+    None (a cumulative average) is None in both.
+
+    Args:
+        torch_momentum: A PyTorch `nn.BatchNorm*d` momentum, or None.
+
+    Returns:
+        The equivalent `momentum` of `tfbn.BatchNormalization`, or None.
+    """
+    return None if torch_momentum is None else 1.0 - float(torch_momentum)
+
+
 def convert_batch_norm(model, to: str):
     """Clones `model`, replacing each BN layer by the other implementation.
 
@@ -85,7 +100,7 @@ def _check_keras_compatible(layer) -> None:
         unsupported.append(f"axis={layer.axis!r} (Keras takes one axis)")
     if layer.momentum is None:
         unsupported.append("momentum=None (Keras has no cumulative average)")
-    if layer.moving_variance_estimator != "biased":
+    if introspection.variance_estimator(layer) != "biased":
         unsupported.append("moving_variance_estimator='unbiased' (Keras stores the biased one)")
     if layer.virtual_batch_size is not None:
         unsupported.append(f"virtual_batch_size={layer.virtual_batch_size} (no ghost batches)")
@@ -157,7 +172,7 @@ def load_torch_batch_norm_state(
             f"Layer {layer.name!r} normalizes several axes ({layer.axis!r}); a PyTorch "
             "BN has one channel axis. Use a single-axis layer."
         )
-    expected_momentum = None if torch_momentum is None else 1.0 - float(torch_momentum)
+    expected_momentum = keras_momentum(torch_momentum)
     if (layer.momentum is None) != (expected_momentum is None) or (
         expected_momentum is not None and not np.isclose(layer.momentum, expected_momentum)
     ):

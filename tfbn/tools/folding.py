@@ -8,7 +8,9 @@ from a linear Conv/Dense layer, the two compose into one layer with kernel
 cannot be folded (no such producer, an activation in between, a producer
 whose output feeds other layers too, shared layers, multi-axis BN) becomes a
 `ChannelAffine` layer with the same constants. Either way the folded model
-computes the original model's inference outputs.
+computes the original model's inference outputs. The constants come from
+`tfbn.layers.introspection.inference_scale_shift`, the one place they are
+computed for both kinds of BN layer.
 """
 
 from __future__ import annotations

@@ -29,7 +29,15 @@ FOLDABLE_TYPE_NAMES = "Conv1D/2D/3D, DepthwiseConv1D/2D, SeparableConv1D/2D or D
 
 
 def foldable_kernel_name(layer) -> str | None:
-    """The kernel attribute a following BN folds into, or None if not foldable."""
+    """The kernel attribute a following BN folds into.
+
+    Args:
+        layer: Any layer.
+
+    Returns:
+        The attribute name (e.g. `"kernel"`), or None if `layer` cannot absorb
+        a BN.
+    """
     for layer_type, kernel_name in _FOLDABLE_KERNELS:
         if isinstance(layer, layer_type):
             return kernel_name
@@ -37,7 +45,15 @@ def foldable_kernel_name(layer) -> str | None:
 
 
 def channel_axis(layer, rank: int) -> int:
-    """The output-channel axis of a Conv/Dense layer's output of `rank`."""
+    """The output-channel axis of a Conv/Dense layer's output.
+
+    Args:
+        layer: A Conv or Dense layer.
+        rank: The rank of its output.
+
+    Returns:
+        1 for `channels_first`, else the last axis.
+    """
     if getattr(layer, "data_format", "channels_last") == "channels_first":
         return 1
     return rank - 1
@@ -45,6 +61,13 @@ def channel_axis(layer, rank: int) -> int:
 
 def graph_of(model):
     """The Functional graph behind `model` (a Sequential's inner Functional).
+
+    Args:
+        model: A Keras model.
+
+    Returns:
+        `model` itself for a Functional model, the inner Functional of a
+        Sequential one.
 
     Raises:
         TypeError: For a subclassed model, which has no graph to rewrite.
@@ -68,7 +91,14 @@ def graph_of(model):
 
 
 def graph_nodes(graph) -> list:
-    """The graph's call nodes (input nodes excluded) in topological order."""
+    """The graph's call nodes in topological order.
+
+    Args:
+        graph: A Functional model (see `graph_of`).
+
+    Returns:
+        Its nodes, input nodes excluded, producers before consumers.
+    """
     nodes = []
     for depth in sorted(graph._nodes_by_depth, reverse=True):
         nodes.extend(

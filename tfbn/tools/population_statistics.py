@@ -15,8 +15,9 @@ Choices, each deliberate:
   update, in float64). This is the mean and variance of *all* values the
   layer saw, as if the dataset were one batch, including the spread between
   batch means that the paper's `m/(m-1) * E[var_b]` leaves out. Layers
-  whose `moving_variance_estimator` is `"unbiased"` store `N/(N-1) * var`;
-  stock Keras layers store the biased value.
+  whose `moving_variance_estimator` is `"unbiased"` store `N/(N-1) * var`
+  (the core's `tfbn.nn.moments.bessel_corrected`); stock Keras layers
+  store the biased value.
 * **Inference-consistent, layer after layer.** A BN layer's input depends on
   the inference-mode normalization of the BN layers before it. Each layer's
   statistics are therefore computed with every BN layer upstream of it
@@ -28,8 +29,12 @@ Choices, each deliberate:
   inside subclassed layers, are conservatively placed after every BN layer
   called before them).
 * **Nothing else changes.** The model runs with `training=False`; only
-  the moving statistics (and, for renorm layers, `moving_stddev`; for
-  `momentum=None` layers, `num_batches_tracked`) are assigned.
+  the statistics of `tfbn.layers.introspection.statistic_variables` are
+  assigned, all of them consistently (see
+  `tfbn.tools.stored_statistics.population_state`): the moving mean and
+  variance; for renorm layers `moving_stddev = renorm_stddev =
+  sqrt(variance + epsilon)` and `renorm_mean = mean`; for `momentum=None`
+  layers `num_batches_tracked` = the number of batches pooled.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ import tensorflow as tf
 
 from tfbn.layers import introspection
 from tfbn.nn import moments as moments_lib
-from tfbn.tools import model_graph
+from tfbn.tools import model_graph, stored_statistics
 
 _LOG = logging.getLogger(__name__)
 
@@ -65,19 +70,23 @@ class PopulationMoments:
     num_calls: int
 
     def stored_variance(self, estimator: str) -> np.ndarray:
-        """The variance as a layer with `estimator` stores it."""
-        if estimator == "biased":
-            return self.variance
-        if np.any(self.count <= 1):
-            raise ValueError(
-                "The unbiased variance needs at least 2 values per feature; "
-                f"the dataset gave {int(np.min(self.count))}. Use more data."
-            )
-        return self.variance * self.count / (self.count - 1.0)
+        """The variance as a layer with `estimator` stores it.
+
+        Args:
+            estimator: `"biased"` or `"unbiased"`.
+
+        Returns:
+            A float64 array (see `stored_statistics.stored_variance`).
+
+        Raises:
+            ValueError: For an unknown estimator, or `"unbiased"` with fewer
+                than 2 values per feature.
+        """
+        return stored_statistics.stored_variance(self.variance, self.count, estimator)
 
 
 class _Pool:
-    """Chan et al.'s pairwise combination of (count, mean, sum of squares)."""
+    """Chan et al.'s pairwise combination of (count, mean, sum of squares), float64."""
 
     def __init__(self, shape):
         self.count = np.zeros(shape)
@@ -175,11 +184,21 @@ def population_moments(
     """The pooled statistics of every BN layer's input in one inference pass.
 
     Unlike `recompute_statistics` this changes nothing: each layer's input is
-    what the model, with its current statistics, feeds it. Args as for
-    `recompute_statistics`.
+    what the model, with its current statistics, feeds it.
+
+    Args:
+        model: A Keras model with BN layers (see `recompute_statistics`).
+        dataset: A re-iterable of batches (see `recompute_statistics`).
+        num_batches: Use the first `num_batches` batches; None uses all.
+        progress: Show a progress bar.
 
     Returns:
-        A dict from BN layer path to `PopulationMoments`.
+        A dict from BN layer path to `PopulationMoments`, for the BN layers
+        the dataset reached.
+
+    Raises:
+        TypeError: For an unbatched array.
+        ValueError: For a bad `num_batches` or an infinite dataset without it.
     """
     _check_dataset(dataset, num_batches)
     layers = introspection.batch_norm_layers(model)
@@ -290,18 +309,13 @@ def _record(layer, inputs, mask, pools, order):
 
 
 def _assign(layer, moments: PopulationMoments):
-    estimator = introspection.variance_estimator(layer)
-    variance = moments.stored_variance(estimator)
-    layer.moving_mean.assign(moments.mean.astype(np.float32))
-    layer.moving_variance.assign(variance.astype(np.float32))
-    if getattr(layer, "renorm", False):
-        # Renorm layers derive the moving variance from this stddev when they
-        # train again; keep the pair consistent.
-        layer.moving_stddev.assign(np.sqrt(variance + layer.epsilon).astype(np.float32))
-    if getattr(layer, "num_batches_tracked", None) is not None:
-        # A cumulative average over this many batches, so further training
-        # weighs the next batch as 1 / (num_calls + 1).
-        layer.num_batches_tracked.assign(moments.num_calls)
+    """Assigns every statistic of `layer` from `moments`, all or nothing."""
+    state = stored_statistics.population_state(
+        layer, moments.mean, moments.variance, moments.count, moments.num_calls
+    )
+    variables = introspection.statistic_variables(layer)
+    for name, value in state.items():
+        variables[name].assign(value)
 
 
 def _dependency_levels(model, order) -> list[list]:

@@ -1,18 +1,17 @@
 """The graph-mode batch normalization shared by both `tfbn.compat.v1` styles.
 
 `batch_normalization` (tf.layers style) and `batch_norm` (contrib/slim style)
-differ in argument names, defaults, variable scopes and collections; the
-graph wiring is this module's and the numerics are those of
-`tfbn.BatchNormalization`: the fused kernel (`tfbn.fused`) where it can run,
-otherwise `tfbn.closed_form` (ghost batches, batch weights, adjustment,
-renorm), the moving averages of `tfbn.moving_averages` and the renorm math
-of `tfbn.renorm`.
+differ in argument names, defaults, variable scopes and collections; this
+module holds their common graph wiring (variables, reading them once,
+assign ops, collections). Every BN rule (the numerics, which batches may
+update, the update formulas) is `tfbn.nn.batch_norm`'s, the same as for
+`tfbn.BatchNormalization`.
 
-Updates are returned as `(variable, new_value)` pairs, each new value already
-gated with `tf.where(valid, new, old)`: when the training flag is a tensor fed
-False (or the batch cannot be trusted) running the update op writes the old
-value back, bit for bit. This is TF1's "momentum 1.0 when not training"
-trick without the rounding of `old - (old - batch) * 0`.
+Updates are returned as `(variable, new_value)` pairs, each new value
+already gated with `tf.where(valid, new, old)`: when the training flag is a
+tensor fed False (or the batch cannot be trusted) running the update op
+writes the old value back, bit for bit. This is TF1's "momentum 1.0 when
+not training" trick without the rounding of `old - (old - batch) * 0`.
 """
 
 from __future__ import annotations
@@ -22,20 +21,15 @@ from collections.abc import Callable, Mapping, Sequence
 
 import tensorflow as tf
 
-from tfbn.nn import closed_form, moving_averages
-from tfbn.nn import fused as fused_lib
-from tfbn.nn import moments as moments_lib
-from tfbn.nn import renorm as renorm_lib
+from tfbn.nn import arguments
+from tfbn.nn import batch_norm as bn
 from tfbn.nn.training_flag import resolve_training
 
-VARIANCE_ESTIMATORS = ("biased", "unbiased")
 # TF1's `tf.nn.fused_batch_norm` silently raised smaller epsilons to this
 # (a cuDNN requirement), so fused-path numbers used it.
 FUSED_MIN_EPSILON = 1.001e-5
 # The extra variables of a renorm layer, in tf-keras / Keras 3 order.
 RENORM_VARIABLE_NAMES = ("moving_stddev", "renorm_mean", "renorm_stddev")
-# An update needs two values per feature; one value has no variance.
-_MIN_VALUES_PER_FEATURE = 2
 
 Update = tuple[tf.Variable, tf.Tensor]
 
@@ -147,23 +141,6 @@ def create_variables(
     )
 
 
-def feature_axes_for(rank: int | None, axis: Sequence[int]) -> list[int]:
-    """Validates `axis` against the input rank; returns sorted non-negative axes."""
-    if rank is None:
-        raise ValueError(
-            "Batch normalization needs inputs of known rank; received a tensor "
-            "of unknown rank. Give the placeholder a shape, e.g. [None, 32]."
-        )
-    axes = []
-    for a in axis:
-        if not -rank <= a < rank:
-            raise ValueError(f"`axis`={list(axis)!r} is out of range for inputs of rank {rank}.")
-        axes.append(a % rank)
-    if len(set(axes)) != len(axes):
-        raise ValueError(f"`axis` has duplicate entries: {list(axis)!r}.")
-    return sorted(axes)
-
-
 def param_shape_for(inputs: tf.Tensor, feature_axes: Sequence[int]) -> list[int]:
     """The parameter shape; every feature axis must have a known size."""
     shape = [inputs.shape[a] for a in feature_axes]
@@ -192,7 +169,7 @@ def resolve_variance_estimator(estimator: str | None, fused_path: bool) -> str:
     """
     if estimator is None:
         return "unbiased" if fused_path else "biased"
-    if estimator not in VARIANCE_ESTIMATORS:
+    if estimator not in arguments.VARIANCE_ESTIMATORS:
         raise ValueError(
             f"`moving_variance_estimator` must be None (TF1's numbers), "
             f"'biased' or 'unbiased'; received {estimator!r}."
@@ -200,102 +177,21 @@ def resolve_variance_estimator(estimator: str | None, fused_path: bool) -> str:
     return estimator
 
 
-def _broadcast(value, rank: int, feature_axes: Sequence[int], param_shape):
-    shape = [1] * rank
-    for axis, size in zip(feature_axes, param_shape):
-        shape[axis] = size
-    return tf.reshape(value, shape)
-
-
-def _read_once(variables: GraphBNVariables, param_shape) -> GraphBNVariables:
-    """Every variable's value, read by one op each (ones/zeros for no gamma/beta).
+def _read_once(variables: GraphBNVariables) -> bn.MovingStatistics:
+    """Every statistic's value, read by one op each.
 
     The forward pass and the update ops use these same tensors, so their
     reads precede the assignments; a second read in the same `Session.run`
     could see an update that already ran (renorm's forward reads the
     statistics it updates).
     """
-
-    def read(variable):
-        return None if variable is None else tf.convert_to_tensor(variable)
-
-    values = {
-        field.name: read(getattr(variables, field.name)) for field in dataclasses.fields(variables)
-    }
-    if values["gamma"] is None:
-        values["gamma"] = tf.ones(param_shape)
-    if values["beta"] is None:
-        values["beta"] = tf.zeros(param_shape)
-    return GraphBNVariables(**values)
-
-
-def _training(
-    x,
-    values,
-    *,
-    feature_axes,
-    epsilon,
-    variance_estimator,
-    fused_kernel,
-    weights,
-    ghost,
-    adjustment,
-    renorm,
-):
-    """Normalizes with batch statistics; returns outputs, mean, variance, valid.
-
-    The fused kernel runs when allowed and none of the options only the
-    general path has (weights, ghost batches, adjustment, renorm) is set.
-    """
-    layout = None
-    general_only = (weights, ghost, adjustment, renorm)
-    if fused_kernel and len(feature_axes) == 1 and all(option is None for option in general_only):
-        layout = fused_lib.layout(x.shape.rank, feature_axes[0])
-    if layout is not None:
-        data_format, expand_axis = layout
-        outputs, mean, variance, count = fused_lib.batch_norm_training(
-            fused_lib.to_kernel_rank(x, expand_axis),
-            values.gamma,
-            values.beta,
-            epsilon,
-            data_format,
-        )
-        outputs = tf.reshape(outputs, tf.shape(x))
-    else:
-        mask = None
-        if weights is not None:
-            mask = tf.reshape(tf.cast(weights, tf.float32), [-1] + [1] * (x.shape.rank - 1))
-        outputs, mean, variance, count = closed_form.normalize_features(
-            x,
-            values.gamma,
-            values.beta,
-            values.moving_mean,
-            values.moving_variance,
-            feature_axes,
-            epsilon,
-            mask=mask,
-            virtual_batch_size=ghost,
-            renorm_statistics=None
-            if renorm is None
-            else (values.renorm_mean, values.renorm_stddev),
-            renorm_clipping=None if renorm is None else renorm.clipping,
-            adjustment=adjustment,
-        )
-    if weights is not None:
-        # Weighted counts are sums of weights: any positive total is usable.
-        enough = count > 0
-    else:
-        enough = count >= _MIN_VALUES_PER_FEATURE
-    if variance_estimator == "unbiased":
-        variance = moments_lib.bessel_corrected(variance, count)
-    param_shape = values.moving_mean.shape.as_list()
-    mean = tf.reshape(mean, param_shape)
-    variance = tf.reshape(variance, param_shape)
-    valid = tf.logical_and(
-        tf.reduce_all(enough),
-        tf.reduce_all(tf.math.is_finite(mean)) & tf.reduce_all(tf.math.is_finite(variance)),
+    return bn.MovingStatistics(
+        **{
+            name: tf.convert_to_tensor(getattr(variables, name))
+            for name in ("moving_mean", "moving_variance", *RENORM_VARIABLE_NAMES)
+            if getattr(variables, name) is not None
+        }
     )
-    return outputs, mean, variance, valid
 
 
 def normalize(
@@ -324,7 +220,7 @@ def normalize(
             momentum) * batch` (TF1's `decay`).
         training: Python bool, 0/1, NumPy bool, or a scalar `tf.bool` tensor.
         variance_estimator: `"biased"` or `"unbiased"` moving variance.
-        fused_kernel: Whether the fused kernel may run (`tfbn.fused`: one
+        fused_kernel: Whether the fused kernel may run (`tfbn.nn.fused`: one
             feature axis, last or 1, rank 2 to 5, and none of the options
             below). A speed choice only: both paths give the same numbers
             within float32 rounding.
@@ -344,76 +240,47 @@ def normalize(
     """
     mode = resolve_training(training)
     x = tf.cast(inputs, tf.float32)
-    rank = x.shape.rank
-    param_shape = variables.moving_mean.shape.as_list()
-    values = _read_once(variables, param_shape)
-
-    def inference():
-        a = values.gamma * tf.math.rsqrt(values.moving_variance + epsilon)
-        b = values.beta - values.moving_mean * a
-        return x * _broadcast(a, rank, feature_axes, param_shape) + _broadcast(
-            b, rank, feature_axes, param_shape
+    statistics = _read_once(variables)
+    use_fused_kernel = fused_kernel and (
+        bn.fused_blocker(
+            x.shape.rank,
+            feature_axes,
+            x.dtype,
+            renorm=renorm is not None,
+            virtual_batch_size=virtual_batch_size,
+            masked=batch_weights is not None,
+            adjustment=adjustment is not None,
         )
-
-    def train():
-        return _training(
-            x,
-            values,
-            feature_axes=feature_axes,
-            epsilon=epsilon,
-            variance_estimator=variance_estimator,
-            fused_kernel=fused_kernel,
-            weights=batch_weights,
-            ghost=virtual_batch_size,
-            adjustment=adjustment,
-            renorm=renorm,
-        )
-
-    if mode is False:
-        return inference(), []
-    if mode is True:
-        outputs, mean, variance, valid = train()
-    else:
-        outputs, mean, variance, valid = tf.cond(
-            mode,
-            train,
-            lambda: (
-                inference(),
-                tf.zeros(param_shape),
-                tf.zeros(param_shape),
-                tf.constant(False),
-            ),
-        )
-
-    def folded(old, batch):
-        new = moving_averages.exponential_moving_average(old, batch, momentum)
-        return tf.where(valid, new, old)
-
-    updates = [(variables.moving_mean, folded(values.moving_mean, mean))]
-    if renorm is None:
-        updates.append((variables.moving_variance, folded(values.moving_variance, variance)))
-        return outputs, updates
-    renormed = renorm_lib.updated_statistics(
-        renorm_lib.RenormStatistics(
-            moving_stddev=values.moving_stddev,
-            moving_variance=values.moving_variance,
-            renorm_mean=values.renorm_mean,
-            renorm_stddev=values.renorm_stddev,
-        ),
-        mean,
-        variance,
-        epsilon=epsilon,
-        momentum=momentum,
-        renorm_momentum=renorm.momentum,
-        valid=valid,
+        is None
     )
-    updates += [
-        (variables.moving_variance, renormed.moving_variance),
-        (variables.moving_stddev, renormed.moving_stddev),
-        (variables.renorm_mean, renormed.renorm_mean),
-        (variables.renorm_stddev, renormed.renorm_stddev),
-    ]
-    return outputs, updates
+    mask = None
+    if batch_weights is not None:
+        weights = tf.cast(batch_weights, tf.float32)
+        mask = tf.reshape(weights, [-1] + [1] * (x.shape.rank - 1))
+    outputs, batch = bn.normalize(
+        x,
+        None if variables.gamma is None else tf.convert_to_tensor(variables.gamma),
+        None if variables.beta is None else tf.convert_to_tensor(variables.beta),
+        statistics,
+        feature_axes,
+        epsilon,
+        training_mode=mode,
+        use_fused_kernel=use_fused_kernel,
+        mask=mask,
+        virtual_batch_size=virtual_batch_size,
+        renorm_clipping=None if renorm is None else renorm.clipping,
+        adjustment=adjustment,
+    )
+    if batch is None:
+        return outputs, []
+    rule = bn.UpdateRule(
+        momentum=momentum,
+        epsilon=epsilon,
+        variance_estimator=variance_estimator,
+        renorm_momentum=None if renorm is None else renorm.momentum,
+    )
+    new = bn.updated_statistics(statistics, batch, rule)
+    return outputs, [(getattr(variables, name), value) for name, value in new.items()]
 
 
 def _inside_control_flow_branch(graph) -> bool:

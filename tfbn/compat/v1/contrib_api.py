@@ -13,6 +13,7 @@ from collections.abc import Callable
 import tensorflow as tf
 
 from tfbn.compat.v1 import _graph_bn
+from tfbn.nn import arguments
 from tfbn.nn import renorm as renorm_lib
 
 _DEFAULT_SCOPE = "BatchNorm"
@@ -151,8 +152,13 @@ def batch_norm(
         ValueError: For an invalid argument or unsupported option.
         TypeError: For an `is_training` value that is not a boolean.
     """
+    decay = arguments.momentum(decay, name="decay")
+    epsilon = arguments.epsilon(epsilon)
     renorm_settings = (
-        _graph_bn.Renorm(renorm_lib.validate_clipping(renorm_clipping), float(renorm_decay))
+        _graph_bn.Renorm(
+            renorm_lib.validate_clipping(renorm_clipping),
+            arguments.momentum(renorm_decay, name="renorm_decay"),
+        )
         if renorm
         else None
     )
@@ -171,7 +177,7 @@ def batch_norm(
         raise ValueError(
             f"`inputs` must have rank >= 2 (batch, ..., channels); received shape {inputs.shape}."
         )
-    axes = _graph_bn.feature_axes_for(rank, [1 if data_format == "NCHW" else -1])
+    axes = arguments.feature_axes(1 if data_format == "NCHW" else -1, rank)
     fused_path = (
         fused is not False
         and rank in (2, 4)
@@ -202,7 +208,7 @@ def batch_norm(
             variables,
             feature_axes=axes,
             epsilon=epsilon,
-            momentum=float(decay),
+            momentum=decay,
             training=is_training,
             variance_estimator=estimator,
             fused_kernel=fused is not False,

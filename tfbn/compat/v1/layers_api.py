@@ -14,13 +14,19 @@ from collections.abc import Callable
 import tensorflow as tf
 
 from tfbn.compat.v1 import _graph_bn
+from tfbn.nn import arguments
 from tfbn.nn import renorm as renorm_lib
 
 _DEFAULT_NAME = "batch_normalization"
 
 
-def _fused_kernel_usable(rank, feature_axes, renorm, virtual_batch_size, adjustment) -> str | None:
-    """None when TF1 could use `fused_batch_norm`, else the reason it could not."""
+def _tf1_fused_blocker(rank, feature_axes, renorm, virtual_batch_size, adjustment) -> str | None:
+    """Why TF1 could not use `fused_batch_norm` here, or None when it could.
+
+    TF1's choice decides the default variance convention and epsilon floor
+    (see `_graph_bn.resolve_variance_estimator`), so it is TF1's rule, not
+    the fused-kernel eligibility of `tfbn.nn.batch_norm.fused_blocker`.
+    """
     if rank != 4:
         return f"the input has rank {rank}, not 4"
     if feature_axes not in ([1], [3]):
@@ -150,29 +156,23 @@ def batch_normalization(
             fuse, or a variable that exists without `reuse`.
         TypeError: For a `training` value that is not a boolean.
     """
+    momentum = arguments.momentum(momentum)
+    epsilon = arguments.epsilon(epsilon)
     renorm_settings = (
-        _graph_bn.Renorm(renorm_lib.validate_clipping(renorm_clipping), float(renorm_momentum))
+        _graph_bn.Renorm(
+            renorm_lib.validate_clipping(renorm_clipping),
+            arguments.momentum(renorm_momentum, name="renorm_momentum"),
+        )
         if renorm
         else None
     )
     inputs = tf.convert_to_tensor(inputs)
-    axes = _graph_bn.feature_axes_for(
-        inputs.shape.rank, [axis] if isinstance(axis, int) else list(axis)
-    )
-    if virtual_batch_size is not None:
-        if (
-            isinstance(virtual_batch_size, bool)
-            or not isinstance(virtual_batch_size, int)
-            or virtual_batch_size < 2
-        ):
-            raise ValueError(
-                f"`virtual_batch_size` must be an int >= 2 or None; received {virtual_batch_size!r}."
-            )
-        if 0 in axes:
-            raise ValueError(
-                f"`virtual_batch_size` splits the batch axis 0, which is in `axis`={axis!r}."
-            )
-    blocker = _fused_kernel_usable(inputs.shape.rank, axes, renorm, virtual_batch_size, adjustment)
+    axes = arguments.feature_axes(axis, inputs.shape.rank)
+    if arguments.virtual_batch_size(virtual_batch_size) is not None and 0 in axes:
+        raise ValueError(
+            f"`virtual_batch_size` splits the batch axis 0, which is in `axis`={axis!r}."
+        )
+    blocker = _tf1_fused_blocker(inputs.shape.rank, axes, renorm, virtual_batch_size, adjustment)
     if fused and blocker is not None:
         raise ValueError(
             f"`fused=True` is impossible here because {blocker} (TF1 raised too); "
@@ -207,7 +207,7 @@ def batch_normalization(
             variables,
             feature_axes=axes,
             epsilon=epsilon,
-            momentum=float(momentum),
+            momentum=momentum,
             training=training,
             variance_estimator=estimator,
             fused_kernel=fused is not False,
