@@ -224,3 +224,11 @@ def test_batch_weights_weight_the_statistics():
 def test_invalid_arguments_raise(kwargs, match):
     with tf.Graph().as_default(), pytest.raises(ValueError, match=match):
         tfbn_v1.batch_norm(tf.zeros([2, 3]), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "decay, epsilon, match", [(1.5, 1e-3, "decay"), (0.9, float("inf"), "epsilon")]
+)
+def test_contrib_hyperparameters_use_the_shared_validation(decay, epsilon, match):
+    with tf.Graph().as_default(), pytest.raises(ValueError, match=match):
+        tfbn_v1.batch_norm(tf.zeros([4, 3]), decay=decay, epsilon=epsilon)

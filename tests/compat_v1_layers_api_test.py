@@ -362,3 +362,23 @@ def test_wrap_function_runs_updates():
     np.testing.assert_allclose(mean_variable.numpy(), 0.5 * x_value.mean(0), rtol=1e-6)
     wrapped(tf.constant(x_value))
     np.testing.assert_allclose(mean_variable.numpy(), 0.75 * x_value.mean(0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("static_batch", [True, False])
+def test_one_value_per_feature_outputs_beta_and_keeps_the_statistics(static_batch):
+    # The same rule as the Keras layer, whether the batch size is known or not.
+    x_value = _data((1, 3), seed=4)
+    with tf.Graph().as_default():
+        x = tf.compat.v1.placeholder(tf.float32, x_value.shape if static_batch else [None, 3])
+        y = tfbn_v1.batch_normalization(
+            x, training=True, beta_initializer=tf.compat.v1.constant_initializer(0.5)
+        )
+        updates = tf.compat.v1.get_collection(UPDATE_OPS)
+        variables = _variables("batch_normalization")
+        with tf.compat.v1.Session() as session:
+            session.run(tf.compat.v1.global_variables_initializer())
+            output, _ = session.run([y, updates], {x: x_value})
+            mean, variance = session.run([variables["moving_mean"], variables["moving_variance"]])
+    np.testing.assert_allclose(output, np.full((1, 3), 0.5), atol=1e-6)
+    np.testing.assert_array_equal(mean, np.zeros(3, np.float32))
+    np.testing.assert_array_equal(variance, np.ones(3, np.float32))
