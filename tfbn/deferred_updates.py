@@ -28,6 +28,8 @@ import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
+import tensorflow as tf
+
 Patterns = str | Sequence[str] | None
 
 
@@ -175,6 +177,33 @@ class UpdateCollector:
         """
         chosen_ids = {id(update) for update in self._select(include, exclude, layers)}
         self._pending = [u for u in self._pending if id(u) not in chosen_ids]
+
+
+def route_update(layer, apply_fn: Callable[[], list]) -> None:
+    """Where a layer's moving-statistics update goes, decided in one place.
+
+    Inside a `deferred_updates()` block the update is recorded as pending.
+    Outside, it runs now (Keras behaviour, so `model.fit` works); in a
+    TF1-style graph, which runs only what is fetched, its ops are also
+    published to `UPDATE_OPS` where TF1 code looks for them, instead of being
+    silently dropped.
+
+    Args:
+        layer: The layer (its `path`, else `name`, is matched by patterns).
+        apply_fn: Runs the update and returns its assign ops (None entries
+            allowed).
+    """
+    collector = active_collector()
+    if collector is not None:
+        collector.record(
+            PendingUpdate(path=layer.path or layer.name, layer=layer, apply_fn=apply_fn)
+        )
+        return
+    ops = apply_fn()
+    if not tf.executing_eagerly() and not tf.inside_function():
+        for op in ops:
+            if op is not None:
+                tf.compat.v1.add_to_collection(tf.compat.v1.GraphKeys.UPDATE_OPS, op)
 
 
 @contextlib.contextmanager

@@ -1,35 +1,49 @@
 """`tfbn.BatchNormalization`: a drop-in for `keras.layers.BatchNormalization`.
 
-What it adds to the stock layer, each pinned by tests:
-
-* explicit, scope-aware moving-statistics updates (`tfbn.deferred_updates`);
-* a training flag that may be a scalar `tf.bool` tensor inside `tf.function`;
-* multi-axis normalisation (`axis=[1, 3]`);
-* `momentum=None`: a cumulative average since `reset_moving_statistics()`;
-* `moving_variance_estimator="unbiased"` (Bessel-corrected, as TF1 and
-  PyTorch store it);
-* ghost batches (`virtual_batch_size`, with tf-keras' definition);
-* float32 statistics whatever the dtype policy, accurate for large offsets;
-* updates only from batches that can be trusted (empty, fully masked or
-  non-finite batches leave the moving statistics bit-identical);
-* argument validation that names the argument, the value and the fix;
-* speed: the fused kernel where its semantics match (`tfbn.nn.fused`), and
-  a closed-form backward everywhere else (`tfbn.nn.closed_form`).
-
-The numerics and every BN rule live in `tfbn.nn.batch_norm`; this module
-holds the Keras wiring: weights, call conventions, updates and config.
+What it adds to the stock layer (explicit updates, tensor training flags,
+several axes, cumulative averages, the unbiased estimator, ghost batches,
+float32 statistics accurate far from zero, trusted updates only, validated
+arguments, the fused kernel) is listed in the class docstring and pinned by
+tests. The numerics and every BN rule live in `tfbn.nn.batch_norm`; this
+module holds the Keras wiring: weights, call conventions, updates, config.
 """
 
 from __future__ import annotations
 
+import functools
+
 import keras
 import tensorflow as tf
 
-from tfbn.deferred_updates import PendingUpdate, active_collector
+from tfbn.deferred_updates import route_update
 from tfbn.nn import arguments
 from tfbn.nn import batch_norm as bn
 from tfbn.nn import renorm as renorm_lib
 from tfbn.nn.training_flag import resolve_training
+
+# The constructor arguments, in signature order, that `get_config` records.
+_CONFIG_NAMES = (
+    "axis",
+    "momentum",
+    "epsilon",
+    "center",
+    "scale",
+    "beta_initializer",
+    "gamma_initializer",
+    "moving_mean_initializer",
+    "moving_variance_initializer",
+    "beta_regularizer",
+    "gamma_regularizer",
+    "beta_constraint",
+    "gamma_constraint",
+    "renorm",
+    "renorm_clipping",
+    "renorm_momentum",
+    "synchronized",
+    "moving_variance_estimator",
+    "virtual_batch_size",
+    "fused",
+)
 
 
 def _assign(variable, value):
@@ -207,41 +221,12 @@ class BatchNormalization(keras.layers.Layer):
         self.renorm_stddev = None
         self.num_batches_tracked = None
 
-    # --------------------------------------------------- validated settings
-
-    @property
-    def momentum(self) -> float | None:
-        """Momentum of the moving averages (None: cumulative average)."""
-        return self._momentum
-
-    @momentum.setter
-    def momentum(self, value):
-        value = arguments.momentum(value, allow_none=True)
-        if getattr(self, "built", False) and (value is None) != (self._momentum is None):
-            raise ValueError(
-                f"`momentum` cannot switch between None and a float after the layer is built "
-                f"(it is {self._momentum!r}, received {value!r}): the cumulative average "
-                "keeps a count variable. Create the layer with the momentum you need."
-            )
-        self._momentum = value
-
-    @property
-    def epsilon(self) -> float:
-        """The constant added to the variance."""
-        return self._epsilon
-
-    @epsilon.setter
-    def epsilon(self, value):
-        self._epsilon = arguments.epsilon(value)
-
-    @property
-    def renorm_momentum(self) -> float:
-        """Momentum of the renorm moving mean and stddev."""
-        return self._renorm_momentum
-
-    @renorm_momentum.setter
-    def renorm_momentum(self, value):
-        self._renorm_momentum = arguments.momentum(value, name="renorm_momentum")
+    # Validated on construction and on every later assignment.
+    momentum = arguments.Validated(functools.partial(arguments.momentum, allow_none=True))
+    epsilon = arguments.Validated(arguments.epsilon)
+    renorm_momentum = arguments.Validated(
+        functools.partial(arguments.momentum, name="renorm_momentum")
+    )
 
     def _check_fusable(self, reason: str | None) -> None:
         if reason is not None:
@@ -358,7 +343,7 @@ class BatchNormalization(keras.layers.Layer):
             renorm_clipping=self.renorm_clipping,
         )
         if batch is not None:
-            self._record_update(batch)
+            route_update(self, lambda: self._apply_update(batch))
         return tf.cast(outputs, self.compute_dtype)
 
     def _use_fused_kernel(self, mask) -> bool:
@@ -409,24 +394,6 @@ class BatchNormalization(keras.layers.Layer):
             }
         )
 
-    def _record_update(self, batch: bn.BatchStatistics) -> None:
-        def apply_fn():
-            return self._apply_update(batch)
-
-        collector = active_collector()
-        if collector is None:
-            ops = apply_fn()
-            if not tf.executing_eagerly() and not tf.inside_function():
-                # A TF1-style graph runs only what is fetched: publish the
-                # update ops where TF1 code looks for them instead of letting
-                # them be silently dropped.
-                for op in ops:
-                    tf.compat.v1.add_to_collection(tf.compat.v1.GraphKeys.UPDATE_OPS, op)
-        else:
-            collector.record(
-                PendingUpdate(path=self.path or self.name, layer=self, apply_fn=apply_fn)
-            )
-
     def _apply_update(self, batch: bn.BatchStatistics) -> list:
         """Folds one batch into the moving statistics; returns the assign ops.
 
@@ -465,32 +432,13 @@ class BatchNormalization(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(
-            {
-                "axis": self.axis,
-                "momentum": self.momentum,
-                "epsilon": self.epsilon,
-                "center": self.center,
-                "scale": self.scale,
-                "beta_initializer": keras.initializers.serialize(self.beta_initializer),
-                "gamma_initializer": keras.initializers.serialize(self.gamma_initializer),
-                "moving_mean_initializer": keras.initializers.serialize(
-                    self.moving_mean_initializer
-                ),
-                "moving_variance_initializer": keras.initializers.serialize(
-                    self.moving_variance_initializer
-                ),
-                "beta_regularizer": keras.regularizers.serialize(self.beta_regularizer),
-                "gamma_regularizer": keras.regularizers.serialize(self.gamma_regularizer),
-                "beta_constraint": keras.constraints.serialize(self.beta_constraint),
-                "gamma_constraint": keras.constraints.serialize(self.gamma_constraint),
-                "renorm": self.renorm,
-                "renorm_clipping": self.renorm_clipping,
-                "renorm_momentum": self.renorm_momentum,
-                "synchronized": self.synchronized,
-                "moving_variance_estimator": self.moving_variance_estimator,
-                "virtual_batch_size": self.virtual_batch_size,
-                "fused": self.fused,
-            }
-        )
+        serializers = {
+            "initializer": keras.initializers.serialize,
+            "regularizer": keras.regularizers.serialize,
+            "constraint": keras.constraints.serialize,
+        }
+        for name in _CONFIG_NAMES:
+            value = getattr(self, name)
+            kind = name.rsplit("_", 1)[-1]
+            config[name] = serializers[kind](value) if kind in serializers else value
         return config

@@ -13,6 +13,27 @@ import warnings
 VARIANCE_ESTIMATORS = ("biased", "unbiased")
 
 
+class Validated:
+    """An attribute whose every assignment goes through `check(value)`.
+
+    For layer settings that users change after construction (e.g.
+    `layer.momentum = 0.9` to fine-tune), so that a bad value fails where it
+    is set rather than as NaN statistics later.
+    """
+
+    def __init__(self, check):
+        self._check = check
+
+    def __set_name__(self, owner, name):
+        self._slot = f"_checked_{name}"
+
+    def __get__(self, instance, owner=None):
+        return self if instance is None else getattr(instance, self._slot)
+
+    def __set__(self, instance, value):
+        setattr(instance, self._slot, self._check(value))
+
+
 def _as_float(name: str, value) -> float:
     if isinstance(value, bool):
         raise TypeError(f"`{name}` must be a float; received the bool {value!r}.")
