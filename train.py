@@ -3,7 +3,9 @@
 Flags are defined in `tfbn/finetune/flags.py`; this entry point only parses them,
 turns them into a `TrainConfig`, sets up the devices and the
 `tf.distribute` strategy (which must come first), and hands both to the
-trainer.
+trainer. A configuration error (a pattern that matches nothing, a
+checkpoint that does not fit) ends the run with a usage message naming the
+flag, not a traceback.
 """
 
 from absl import app, flags, logging
@@ -16,18 +18,32 @@ tfbn_flags.define_flags(FLAGS)
 
 
 def main(argv):
-    """Runs one training run from the parsed flags."""
+    """Runs one training run from the parsed flags.
+
+    Args:
+        argv: The command line left after flag parsing (the program name).
+
+    Raises:
+        app.UsageError: For positional arguments and configuration errors
+            (the library's message, with flag names).
+    """
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected positional arguments: {argv[1:]}")
     if not FLAGS["verbosity"].present:
         # TFDS logs every file it opens at INFO; the progress bar is the signal.
         logging.set_verbosity(logging.WARNING)
-    config = tfbn_flags.config_from_flags(FLAGS)
-    # Both must happen before TensorFlow initialises its devices: logical
-    # CPUs cannot be split later, and collective ops are configured at start.
-    distribution.configure_logical_cpus(config.num_cpu_devices)
-    strategy = distribution.make_strategy(config.strategy)
-    trainer.train(config, strategy)
+    try:
+        config = tfbn_flags.config_from_flags(FLAGS)
+        # Both must happen before TensorFlow initialises its devices: logical
+        # CPUs cannot be split later, and collective ops are configured at start.
+        distribution.configure_logical_cpus(config.num_cpu_devices)
+        strategy = distribution.make_strategy(config.strategy)
+        trainer.train(config, strategy)
+    except ValueError as error:
+        message = tfbn_flags.as_flag_message(str(error))
+        if message == str(error):
+            raise  # Names no config field: not a configuration error, keep the traceback.
+        raise app.UsageError(message) from None
 
 
 if __name__ == "__main__":

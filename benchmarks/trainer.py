@@ -1,10 +1,9 @@
 """Benchmark (5): the fine-tune trainer's step rate vs `model.fit`.
 
 The same Conv-BN-ReLU network (tfbn BN), data and SGD optimizer, trained
-for the same number of steps: once through `tfbn.finetune.trainer`'s train
-step (deferred BN updates, finite-gradient guard), once through
-`model.fit`. Reports steps per second. Skips with a message when the trainer
-API is not available in this checkout.
+for the same number of steps: once through the trainer's train step
+(`tfbn.finetune.train_step.build_train_step`: deferred BN updates,
+finite-gradient guard), once through `model.fit`. Reports steps per second.
 
 Run: `python -m benchmarks.trainer [--repeats N] [--steps N] [--smoke]`.
 """
@@ -19,17 +18,8 @@ import tensorflow as tf
 import tfbn
 from benchmarks import common
 from benchmarks.training_step import conv_bn_relu_network
-
-
-def _trainer_api():
-    try:
-        from tfbn.finetune import trainer, update_plan
-
-        return update_plan.plan_update, trainer.configure_bn_modes, trainer.make_train_step
-    except (ImportError, AttributeError) as error:
-        raise common.Skipped(
-            f"the trainer API (tfbn.finetune.trainer) is not usable ({error})"
-        ) from None
+from tfbn.finetune.train_step import build_train_step
+from tfbn.finetune.update_plan import plan_update
 
 
 def _steps_per_second(run_steps, steps: int) -> float:
@@ -45,9 +35,14 @@ def run(repeats: int = 7, smoke: bool = False, steps: int = 10) -> list[common.R
     Short alternating rounds spread a shared machine's load bursts over
     both loops.
 
-    Returns rows whose median_ms is the median time per step.
+    Args:
+        repeats: Rounds of both loops.
+        smoke: A tiny, single-round run for tests.
+        steps: Steps per round and loop.
+
+    Returns:
+        Rows whose median_ms is the median time per step.
     """
-    plan_update, configure_bn_modes, make_train_step = _trainer_api()
     batch, size, channels = (2, 8, 4) if smoke else (32, 32, 64)
     steps = 2 if smoke else steps
     images = tf.random.normal([batch, size, size, 3])
@@ -55,17 +50,7 @@ def run(repeats: int = 7, smoke: bool = False, steps: int = 10) -> list[common.R
     dataset = tf.data.Dataset.from_tensors((images, labels)).repeat()
 
     trainer_model = conv_bn_relu_network((size, size, 3), channels, tfbn.BatchNormalization)
-    plan = plan_update(trainer_model)
-    configure_bn_modes(plan)
-    optimizer = keras.optimizers.SGD(0.01)
-    optimizer.build(list(plan.update_variables))
-    step = make_train_step(
-        trainer_model,
-        optimizer,
-        plan,
-        tf.Variable(0, dtype=tf.int64),
-        tf.Variable(0, dtype=tf.int64),
-    )
+    step = build_train_step(trainer_model, keras.optimizers.SGD(0.01), plan_update(trainer_model))
     iterator = iter(dataset)
 
     def trainer_steps(count):
@@ -92,6 +77,11 @@ def run(repeats: int = 7, smoke: bool = False, steps: int = 10) -> list[common.R
 
 
 def main(argv=None) -> None:
+    """Runs the benchmark from the command line.
+
+    Args:
+        argv: Command-line arguments; None reads `sys.argv`.
+    """
     common.run_from_command_line(
         __doc__.splitlines()[0], run, argv, extra_arguments=[("--steps", int, 10)]
     )

@@ -33,14 +33,14 @@ def test_defaults_are_valid():
         ("num_cpu_devices", -1),
     ],
 )
-def test_bad_values_name_the_flag(field, value):
+def test_bad_values_name_the_field(field, value):
     kwargs = {"model_dir": "/tmp/run", field: value}
-    with pytest.raises(ValueError, match=f"--{field}"):
+    with pytest.raises(ValueError, match=f"`{field}`"):
         TrainConfig(**kwargs)
 
 
 def test_restore_part_needs_init_checkpoint():
-    with pytest.raises(ValueError, match="--restore_part needs --init_checkpoint"):
+    with pytest.raises(ValueError, match="`restore_part` needs `init_checkpoint`"):
         TrainConfig(model_dir="/tmp/run", restore_part=("backbone/",))
 
 

@@ -66,12 +66,12 @@ def test_image_folder_layout(tmp_path):
     val = pipeline.load_split(dataset, "val", 16)
     assert train.class_names == ("daisy", "roses") and train.images.shape == (6, 16, 16, 3)
     assert list(val.labels) == [0, 0, 1, 1]
-    with pytest.raises(ValueError, match="--eval_split 'test'"):
+    with pytest.raises(ValueError, match="`eval_split` 'test'"):
         pipeline.resolve_eval_split(dataset, "test")
 
 
 def test_unknown_dataset_and_oversized_batch(source):
     with pytest.raises(ValueError, match="not a TFDS dataset"):
         pipeline.load_split("no_such_dataset_xyz", "train", 32, DATA_DIR)
-    with pytest.raises(ValueError, match="--batch_size 4096"):
+    with pytest.raises(ValueError, match="`batch_size` 4096"):
         pipeline.train_batches(source, 4096, 0, 0, 1)

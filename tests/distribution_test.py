@@ -17,11 +17,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from trainer_test import DATA_DIR, MOMENTUM, REPO, loss_of, small_model, smoke_config
+from trainer_test import DATA_DIR, MOMENTUM, REPO, loss_of, read_text, small_model, smoke_config
 
 import tfbn
 from tfbn.finetune import checkpoint as checkpoint_lib
-from tfbn.finetune import distribution, trainer, update_plan
+from tfbn.finetune import distribution, train_step, trainer, update_plan
 
 # Default vs two replicas: the same arithmetic in another order (sums of
 # per-replica gradients and statistics), so float32 rounding differs.
@@ -55,7 +55,7 @@ def test_configure_logical_cpus_after_initialisation():
 
 def test_make_strategy_default_and_errors(monkeypatch):
     assert distribution.make_strategy("default").num_replicas_in_sync == 1
-    with pytest.raises(ValueError, match="--strategy must be one of"):
+    with pytest.raises(ValueError, match="`strategy` must be one of"):
         distribution.make_strategy("horovod")
     monkeypatch.delenv("TF_CONFIG", raising=False)
     with pytest.raises(ValueError, match="needs the TF_CONFIG"):
@@ -136,11 +136,8 @@ def mirrored_step(strategy, bn_type, update_part=(), mode="inference", head_bn=F
             distribution.synchronize_batch_norm(model)
         plan = update_plan.plan_update(model, update_part, frozen_bn_mode=mode)
         optimizer = keras.optimizers.SGD(0.1)
-        optimizer.build(list(plan.update_variables))
-        step_var = tf.Variable(0, dtype=tf.int64)
-        skipped = tf.Variable(0, dtype=tf.int64)
-    trainer.configure_bn_modes(plan)
-    step = trainer.make_train_step(model, optimizer, plan, step_var, skipped, strategy)
+    step = train_step.build_train_step(model, optimizer, plan, strategy)
+    skipped = step.skipped_steps
 
     def run(x, y):
         return step(*distribution.distribute_batch(strategy, tf.constant(x), tf.constant(y)))
@@ -250,7 +247,7 @@ def test_mirrored_partial_finetune_keeps_frozen_backbone_bit_identical(
     assert not np.array_equal(
         result.model.get_layer("fc_bn").moving_mean.numpy(), saved["head/fc_bn/moving_mean"]
     )
-    assert json.load(open(tmp_path / "bn_report.json"))["frozen_statistics_bit_identical"]
+    assert json.loads(read_text(tmp_path / "bn_report.json"))["frozen_statistics_bit_identical"]
     assert_replicas_identical(result.model)
 
 
@@ -281,7 +278,8 @@ def start_workers(model_dir, ports, train_steps, log_dir):
             f"--train_steps={train_steps}",
             "--checkpoint_interval=2",
         ]
-        log = open(os.path.join(log_dir, f"worker{index}.log"), "ab")
+        # Closed by the subprocess's exit; the test reads it afterwards.
+        log = open(os.path.join(log_dir, f"worker{index}.log"), "ab")  # noqa: SIM115
         processes.append(
             subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         )
@@ -330,7 +328,7 @@ def test_multi_worker_resumes_after_a_kill_and_matches_mirrored(two_cpu_strategy
         stop(processes)
     assert tf.train.latest_checkpoint(model_dir).endswith(f"-{total}")
     assert sorted(name for name in os.listdir(model_dir) if name.startswith("workertemp")) == []
-    assert json.load(open(os.path.join(model_dir, "bn_report.json")))[
+    assert json.loads(read_text(os.path.join(model_dir, "bn_report.json")))[
         "frozen_statistics_bit_identical"
     ]
     mirrored = trainer.train(

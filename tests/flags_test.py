@@ -1,6 +1,9 @@
-"""Tests for tfbn.flags: definitions, validators and the FLAGS -> config function."""
+"""Tests for tfbn.finetune.flags: definitions, validators, FLAGS -> config, error wording."""
 
 import os
+import subprocess
+import sys
+import tempfile
 
 import pytest
 from absl import flags
@@ -9,6 +12,7 @@ from tfbn.finetune import flags as tfbn_flags
 from tfbn.finetune.config import TrainConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA_DIR = os.path.join(tempfile.gettempdir(), "tfbn_test_data")
 
 
 def parse(*argv):
@@ -69,7 +73,8 @@ def test_model_dir_is_required():
 @pytest.mark.parametrize("name", ["pretrain", "finetune_head", "smoke"])
 def test_configs_parse_and_start_with_their_command(name):
     path = os.path.join(REPO, "configs", f"{name}.flags")
-    first = open(path).readline()
+    with open(path) as stream:
+        first = stream.readline()
     assert first.startswith(f"# python train.py --flagfile=configs/{name}.flags")
     extra = ["--init_checkpoint=/tmp/pre"] if name == "finetune_head" else []
     config = parse(f"--flagfile={path}", "--model_dir=/tmp/r", *extra)
@@ -98,3 +103,30 @@ def test_flagfile_written_by_a_run_parses_back_to_the_same_config(tmp_path):
     path = tmp_path / "flags.txt"
     path.write_text(config.to_flagfile())
     assert parse(f"--flagfile={path}") == config
+
+
+def test_library_messages_are_reworded_with_flag_names():
+    message = "`update_part` pattern 'x' ...; exclude it with `restore_exclude`; `layers` too."
+    assert tfbn_flags.as_flag_message(message) == (
+        "--update_part pattern 'x' ...; exclude it with --restore_exclude; `layers` too."
+    )
+
+
+def test_train_py_ends_a_pattern_that_matches_nothing_with_a_usage_error(tmp_path):
+    process = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "train.py"),
+            f"--flagfile={REPO}/configs/smoke.flags",
+            f"--model_dir={tmp_path}",
+            f"--data_dir={DATA_DIR}",
+            "--update_part=hed/",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert process.returncode == 1
+    assert "--update_part pattern 'hed/' matches no variable" in process.stderr + process.stdout
+    assert "Traceback" not in process.stderr

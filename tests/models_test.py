@@ -33,7 +33,8 @@ def test_tiny_darknet_blocks_are_conv_bn_leaky():
 def test_bn_overrides_reach_every_bn_layer():
     model = models.build_model("bn_mlp", 3, (8, 8, 3), bn_momentum=0.9, bn_epsilon=1e-5)
     assert all(
-        l.momentum == 0.9 and l.epsilon == 1e-5 for l in update_plan.batch_norm_layers(model)
+        layer.momentum == 0.9 and layer.epsilon == 1e-5
+        for layer in update_plan.batch_norm_layers(model)
     )
 
 

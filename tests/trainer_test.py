@@ -1,4 +1,4 @@
-"""Tests for tfbn.finetune.trainer: the train step contract and end-to-end runs."""
+"""Tests for tfbn.finetune.trainer: the Trainer object and end-to-end runs."""
 
 import json
 import os
@@ -17,7 +17,8 @@ from absl import flags
 import tfbn
 from tfbn.finetune import checkpoint as checkpoint_lib
 from tfbn.finetune import flags as tfbn_flags
-from tfbn.finetune import trainer, update_plan
+from tfbn.finetune import trainer
+from tfbn.layers import introspection
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_DIR = os.path.join(tempfile.gettempdir(), "tfbn_test_data")
@@ -40,6 +41,12 @@ def smoke_config(model_dir, *extra):
     return tfbn_flags.config_from_flags(fv)
 
 
+def read_text(path):
+    """The contents of a text file."""
+    with open(path) as stream:
+        return stream.read()
+
+
 def small_model(bn_type=tfbn.BatchNormalization, head_bn=False):
     """Dense-BN backbone and a Dense head (optionally with BN)."""
     keras.utils.set_random_seed(1)
@@ -54,21 +61,6 @@ def small_model(bn_type=tfbn.BatchNormalization, head_bn=False):
             x = bn_type(momentum=MOMENTUM, name="bn2")(x)
         logits = keras.layers.Dense(3, name="logits")(x)
     return keras.Model(inputs, logits)
-
-
-def build_step(model, mode, update_part=("head/",)):
-    plan = update_plan.plan_update(model, update_part, frozen_bn_mode=mode)
-    optimizer = keras.optimizers.SGD(0.1)
-    optimizer.build(list(plan.update_variables))
-    step_var = tf.Variable(0, dtype=tf.int64)
-    skipped = tf.Variable(0, dtype=tf.int64)
-    trainer.configure_bn_modes(plan)
-    return (
-        plan,
-        trainer.make_train_step(model, optimizer, plan, step_var, skipped),
-        step_var,
-        skipped,
-    )
 
 
 def batch():
@@ -90,81 +82,6 @@ def loss_of(model, x, y, training):
     return float(
         tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
     )
-
-
-@pytest.mark.parametrize("bn_type", [tfbn.BatchNormalization, keras.layers.BatchNormalization])
-@pytest.mark.parametrize("mode", ["inference", "batch", "adapt"])
-def test_frozen_bn_modes(bn_type, mode):
-    model = small_model(bn_type)
-    x, y = batch()
-    bn = model.get_layer("bn1")
-
-    def set_stats():
-        bn.moving_mean.assign(np.full(4, 0.5, np.float32))
-        bn.moving_variance.assign(np.full(4, 2.0, np.float32))
-
-    set_stats()
-    # The loss the step must see: moving statistics (inference) or batch ones.
-    expected_loss = loss_of(model, x, y, training=(mode != "inference"))
-    set_stats()  # A stock Keras BN updated itself in that forward pass.
-    before_stats = values([bn.moving_mean, bn.moving_variance])
-    kernel = model.get_layer("dense1").kernel.numpy()
-    plan, step, _, _ = build_step(model, mode)
-    frozen_before = values(plan.frozen_variables)
-    out = step(x, y)
-    assert bool(out["applied"])
-    np.testing.assert_allclose(float(out["loss"]), expected_loss, rtol=1e-6)
-    after = values([bn.moving_mean, bn.moving_variance])
-    if mode == "adapt":
-        h = x @ kernel
-        np.testing.assert_allclose(after[0], MOMENTUM * 0.5 + (1 - MOMENTUM) * h.mean(0), rtol=1e-5)
-        np.testing.assert_allclose(after[1], MOMENTUM * 2.0 + (1 - MOMENTUM) * h.var(0), rtol=1e-5)
-    else:
-        assert all(np.array_equal(a, b) for a, b in zip(after, before_stats))
-    assert all(np.array_equal(a, b) for a, b in zip(values(plan.frozen_variables), frozen_before))
-    # The backbone kernel and BN affine parameters never receive gradients.
-    assert np.array_equal(model.get_layer("dense1").kernel.numpy(), kernel)
-
-
-def test_update_set_bn_follows_ema_for_each_batch():
-    model = small_model(head_bn=True)
-    plan, step, _, _ = build_step(model, "inference")
-    head_bn = model.get_layer("bn2")
-    rng = np.random.default_rng(3)
-    expected_mean = head_bn.moving_mean.numpy().astype(np.float64)
-    expected_var = head_bn.moving_variance.numpy().astype(np.float64)
-    for _ in range(3):
-        x = rng.normal(1.0, 2.0, (8, 6)).astype(np.float32)
-        y = rng.integers(0, 3, 8).astype(np.int32)
-        # The head BN's input, computed before the step changes dense2.
-        backbone = keras.Model(model.input, model.get_layer("dense2").output)
-        h = backbone(x, training=False).numpy().astype(np.float64)
-        step(x, y)
-        expected_mean = MOMENTUM * expected_mean + (1 - MOMENTUM) * h.mean(0)
-        expected_var = MOMENTUM * expected_var + (1 - MOMENTUM) * h.var(0)
-        np.testing.assert_allclose(head_bn.moving_mean.numpy(), expected_mean, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(
-            head_bn.moving_variance.numpy(), expected_var, rtol=1e-5, atol=1e-6
-        )
-
-
-@pytest.mark.parametrize("bn_type", [tfbn.BatchNormalization, keras.layers.BatchNormalization])
-def test_non_finite_step_applies_nothing(bn_type):
-    model = small_model(bn_type, head_bn=True)
-    plan, step, step_var, skipped = build_step(model, "adapt")
-    x, y = batch()
-    before = values(model.variables)
-    bad = x.copy()
-    bad[0, 0] = np.nan
-    out = step(bad, y)
-    assert not bool(out["applied"])
-    assert all(
-        np.array_equal(a, b, equal_nan=True) for a, b in zip(values(model.variables), before)
-    )
-    assert int(skipped.numpy()) == 1 and int(step_var.numpy()) == 1
-    out = step(x, y)
-    assert bool(out["applied"]) and int(skipped.numpy()) == 1
-    assert not np.array_equal(model.get_layer("bn2").moving_mean.numpy(), before[-6])
 
 
 def _checkpoint_values(model_dir):
@@ -191,7 +108,7 @@ def test_pretrain_then_head_finetune_keeps_backbone_bit_identical(tmp_path, caps
             assert np.array_equal(variable.numpy(), saved[variable.path]), variable.path
     head_bn = result.model.get_layer("fc_bn")
     assert not np.array_equal(head_bn.moving_mean.numpy(), saved["head/fc_bn/moving_mean"])
-    report = json.load(open(os.path.join(fine_dir, "bn_report.json")))
+    report = json.loads(read_text(os.path.join(fine_dir, "bn_report.json")))
     assert report["frozen_statistics_bit_identical"]
     modes = {row["path"]: (row["mode"], row["stats_bit_identical"]) for row in report["layers"]}
     assert modes == {
@@ -201,8 +118,10 @@ def test_pretrain_then_head_finetune_keeps_backbone_bit_identical(tmp_path, caps
     }
     out = capsys.readouterr().out
     assert "Frozen BN statistics bit-identical: yes" in out and "eval step 10" in out
-    assert "--update_part=head/" in open(os.path.join(fine_dir, "flags.txt")).read()
-    records = [json.loads(line) for line in open(os.path.join(fine_dir, "metrics.jsonl"))]
+    assert "--update_part=head/" in read_text(os.path.join(fine_dir, "flags.txt"))
+    records = [
+        json.loads(line) for line in read_text(os.path.join(fine_dir, "metrics.jsonl")).splitlines()
+    ]
     assert {r["split"] for r in records} == {"train", "eval"}
     assert any(name.startswith("events") for name in os.listdir(os.path.join(fine_dir, "train")))
 
@@ -277,30 +196,38 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
         assert np.array_equal(a.numpy(), b.numpy()), a.path
 
 
-def test_a_bn_layer_called_twice_per_step_is_reported_and_updated_twice(caplog):
-    # PAIN_POINTS 18: a shared BN (two towers) must not double its decay silently.
-    keras.utils.set_random_seed(3)
-    inputs = keras.Input((4,))
-    with keras.name_scope("head"):
-        dense = keras.layers.Dense(4, name="dense")
-        shared = tfbn.BatchNormalization(momentum=MOMENTUM, name="shared_bn")
-        left, right = shared(dense(inputs)), shared(dense(-inputs))
-        logits = keras.layers.Dense(2, name="logits")(keras.layers.Concatenate()([left, right]))
-    model = keras.Model(inputs, logits)
-    _, step, _, _ = build_step(model, "inference", update_part=("head/",))
-    x = np.random.default_rng(0).normal(size=(8, 4)).astype("float32")
-    hidden = model.get_layer("dense")(x).numpy().astype(np.float64)
-    with caplog.at_level("WARNING"):
-        step(tf.constant(x), tf.constant(np.arange(8) % 2, tf.int32))
-    assert any(
-        "head/shared_bn" in record.getMessage() and "more than once" in record.getMessage()
-        for record in caplog.records
-    )
-    # Two updates in call order: the left tower's batch, then the right's.
-    expected = np.zeros(4)
-    for batch in (hidden, -hidden):
-        expected = MOMENTUM * expected + (1 - MOMENTUM) * batch.mean(0)
-    np.testing.assert_allclose(
-        model.get_layer("shared_bn").moving_mean.numpy(), expected, rtol=1e-5, atol=1e-6
-    )
-    assert trainer.warn_about_repeated_calls(["a", "b"]) == []
+def test_trainer_object_initialize_train_report_export(tmp_path):
+    model_dir = tmp_path / "run"
+    config = smoke_config(str(model_dir), "--train_steps=3", "--update_part=head/")
+    run = trainer.Trainer(config)
+    run.initialize()
+    assert not model_dir.exists()  # initialize builds, it writes nothing
+    assert int(run.step.global_step.numpy()) == 0 and run.step.plan is run.plan
+    assert "head/fc_bn: in update set, mode=train" in run.describe()
+    frozen_bn = run.model.get_layer("bn1")
+    statistics = introspection.statistic_variables(frozen_bn)
+    before = {name: np.array(v.numpy()) for name, v in statistics.items()}
+    result = run.train()
+    assert (result.global_step, result.skipped_steps) == (3, 0)
+    assert set(result.eval_metrics) == {"loss", "accuracy"}
+    assert all(np.array_equal(before[name], v.numpy()) for name, v in statistics.items())
+    assert all(layer.trainable for layer, _ in run.plan.bn_modes)  # modes were undone
+    assert tf.train.latest_checkpoint(str(model_dir)).endswith("-3")
+    rows = run.write_report()
+    assert {row["path"]: row["mode"] for row in rows}["backbone/bn1"] == "inference"
+    assert (model_dir / "bn_report.json").exists() and run.export() is None
+    assert np.isclose(run.evaluate()["loss"], result.eval_metrics["loss"])
+
+
+def test_trainer_train_initializes_itself_and_resumes(tmp_path):
+    model_dir = str(tmp_path / "run")
+    first = trainer.Trainer(smoke_config(model_dir, "--train_steps=2")).train()
+    assert first.resumed_from is None and first.global_step == 2
+    second = trainer.Trainer(smoke_config(model_dir, "--train_steps=4")).train()
+    assert second.resumed_from.endswith("-2") and second.global_step == 4
+
+
+def test_library_errors_name_the_argument_not_the_flag(tmp_path):
+    with pytest.raises(ValueError, match="`update_part` pattern 'haed/'") as error:
+        trainer.train(smoke_config(str(tmp_path), "--update_part=haed/"))
+    assert "--update_part" not in str(error.value)

@@ -1,45 +1,11 @@
-"""Tests for tfbn.finetune.update_plan: strict patterns and the update plan."""
+"""Tests for tfbn.finetune.update_plan: BN modes and the update plan."""
 
 import keras
 import pytest
 
 import tfbn
 from tfbn.finetune import update_plan
-
-PATHS = [
-    "backbone/conv1/kernel",
-    "backbone/bn1/gamma",
-    "backbone/bn1/moving_mean",
-    "head/conv1/kernel",
-    "head/logits/bias",
-]
-
-
-def test_matching_uses_re_match_prefix_semantics():
-    assert update_plan.matching(PATHS, ["head/"], "update_part") == [
-        "head/conv1/kernel",
-        "head/logits/bias",
-    ]
-    # re.match anchors at the start only: "bn1" does not match "backbone/bn1/...".
-    with pytest.raises(ValueError):
-        update_plan.matching(PATHS, ["bn1"], "update_part")
-    assert update_plan.matching(PATHS, [r".*/bn1/"], "update_part") == PATHS[1:3]
-
-
-def test_typo_lists_known_prefixes():
-    with pytest.raises(
-        ValueError, match=r"--restore_part pattern 'backbon/'.*'backbone/'.*'head/conv1/'"
-    ):
-        update_plan.matching(PATHS, ["backbon/"], "restore_part")
-
-
-def test_select_include_minus_exclude_and_empty_include_means_all():
-    assert update_plan.select(PATHS, [], ["head/"], "a", "b") == PATHS[:3]
-    assert update_plan.select(PATHS, ["backbone/"], [r"backbone/bn1/"], "a", "b") == [
-        "backbone/conv1/kernel"
-    ]
-    with pytest.raises(ValueError, match="--b pattern 'nope'"):
-        update_plan.select(PATHS, [], ["nope"], "a", "b")
+from tfbn.finetune.update_plan import BNMode
 
 
 def model(bn_type=tfbn.BatchNormalization, frozen_head_bn=False):
@@ -102,3 +68,26 @@ def test_layer_frozen_by_the_model_stays_in_inference():
 def test_empty_update_set_is_an_error():
     with pytest.raises(ValueError, match="update set is empty"):
         update_plan.plan_update(model(), ["head/bn2/moving_"])
+
+
+def test_bn_mode_values_are_the_config_strings():
+    assert [mode.value for mode in BNMode] == ["train", "inference", "batch", "adapt"]
+    assert BNMode("adapt") is BNMode.ADAPT and BNMode.BATCH == "batch"
+    assert f"mode={BNMode.INFERENCE}" == "mode=inference" and str(BNMode.TRAIN) == "train"
+    assert [m for m in BNMode if m.updates_statistics] == [BNMode.TRAIN, BNMode.ADAPT]
+    assert [m for m in BNMode if not m.uses_batch_statistics] == [BNMode.INFERENCE]
+
+
+def test_plan_modes_are_enum_members_and_layers_are_selected_by_mode():
+    m = model()
+    plan = update_plan.plan_update(m, ["head/"], frozen_bn_mode=BNMode.ADAPT)
+    assert all(isinstance(mode, BNMode) for _, mode in plan.bn_modes)
+    assert plan.updating_layers() == [m.get_layer("bn1"), m.get_layer("bn2")]
+    assert plan.layers_in([BNMode.TRAIN]) == [m.get_layer("bn2")]
+    inference = update_plan.plan_update(m, ["head/"])
+    assert inference.updating_layers() == [m.get_layer("bn2")]
+
+
+def test_unknown_frozen_bn_mode_is_an_error():
+    with pytest.raises(ValueError, match="`frozen_bn_mode` must be one of"):
+        update_plan.plan_update(model(), ["head/"], frozen_bn_mode="train")

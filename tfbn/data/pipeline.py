@@ -11,7 +11,7 @@ Sources:
     * a TFDS name (`tfbn_shapes/source`, `cifar10`, ...) prepared in
       `data_dir` (the embedded `tfbn_shapes` is generated locally, offline);
     * `folder:<root>` with images in `<root>/<split>/<class>/*.jpg|png`
-      (seed 004's flower layout: `train/`, `val/`).
+      (the layout of the usual flower-photos classification sets: `train/`, `val/`).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ class Split:
 
     @property
     def num_classes(self) -> int:
+        """The number of classes."""
         return len(self.class_names)
 
 
@@ -55,11 +56,22 @@ def _folder_root(dataset: str) -> str | None:
 
 
 def available_splits(dataset: str, data_dir: str | None = None) -> list[str]:
-    """The split names a dataset offers."""
+    """The split names a dataset offers.
+
+    Args:
+        dataset: A TFDS name or `folder:<root>`.
+        data_dir: TFDS data directory; default `DEFAULT_DATA_DIR`.
+
+    Returns:
+        The sorted split names.
+
+    Raises:
+        ValueError: If the folder does not exist or the TFDS name is unknown.
+    """
     root = _folder_root(dataset)
     if root is not None:
         if not tf.io.gfile.isdir(root):
-            raise ValueError(f"--dataset {dataset!r}: {root!r} is not a directory.")
+            raise ValueError(f"`dataset` {dataset!r}: {root!r} is not a directory.")
         return sorted(
             name
             for name in tf.io.gfile.listdir(root)
@@ -69,19 +81,32 @@ def available_splits(dataset: str, data_dir: str | None = None) -> list[str]:
 
 
 def resolve_eval_split(dataset: str, eval_split: str | None, data_dir: str | None = None) -> str:
-    """`eval_split`, or the first of validation/val/test that the dataset has."""
+    """`eval_split`, or the first of validation/val/test that the dataset has.
+
+    Args:
+        dataset: A TFDS name or `folder:<root>`.
+        eval_split: The requested split, or None to pick one.
+        data_dir: TFDS data directory; default `DEFAULT_DATA_DIR`.
+
+    Returns:
+        The split name to evaluate on.
+
+    Raises:
+        ValueError: If `eval_split` is not a split of the dataset, or None
+            and the dataset has none of the preferred evaluation splits.
+    """
     splits = available_splits(dataset, data_dir)
     if eval_split is not None:
         if eval_split not in splits:
             raise ValueError(
-                f"--eval_split {eval_split!r} is not a split of {dataset!r}; splits: {splits}."
+                f"`eval_split` {eval_split!r} is not a split of {dataset!r}; splits: {splits}."
             )
         return eval_split
     for name in EVAL_SPLIT_PREFERENCE:
         if name in splits:
             return name
     raise ValueError(
-        f"{dataset!r} has none of the splits {EVAL_SPLIT_PREFERENCE}; pass --eval_split."
+        f"{dataset!r} has none of the splits {EVAL_SPLIT_PREFERENCE}; pass `eval_split`."
     )
 
 
@@ -90,7 +115,7 @@ def _tfds_builder(name: str, data_dir: str | None):
         builder = tfds.builder(name, data_dir=data_dir or DEFAULT_DATA_DIR)
     except tfds.core.registered.DatasetNotFoundError as error:
         raise ValueError(
-            f"--dataset {name!r} is not a TFDS dataset ({str(error).splitlines()[0]}). "
+            f"`dataset` {name!r} is not a TFDS dataset ({str(error).splitlines()[0]}). "
             "Use 'tfbn_shapes/source', an installed TFDS name, or 'folder:<root>'."
         ) from None
     builder.download_and_prepare()
@@ -108,6 +133,9 @@ def load_split(dataset: str, split: str, image_size: int, data_dir: str | None =
 
     Returns:
         The `Split`.
+
+    Raises:
+        ValueError: If the dataset or split does not exist or holds no images.
     """
     root = _folder_root(dataset)
     if root is not None:
@@ -143,7 +171,8 @@ def _load_folder(root: str, split: str, image_size: int) -> Split:
     split_dir = os.path.join(root, split)
     if not tf.io.gfile.isdir(split_dir):
         raise ValueError(
-            f"Image folder split {split_dir!r} does not exist (expected <root>/{split}/<class>/*.jpg)."
+            f"Image folder split {split_dir!r} does not exist "
+            f"(expected <root>/{split}/<class>/*.jpg)."
         )
     # Class names come from the train split so every split labels alike.
     class_dir = (
@@ -174,11 +203,22 @@ def _load_folder(root: str, split: str, image_size: int) -> Split:
 
 
 def steps_per_epoch(split: Split, batch_size: int) -> int:
-    """Full batches per epoch (the remainder of each permutation is dropped)."""
+    """Full batches per epoch (the remainder of each permutation is dropped).
+
+    Args:
+        split: The training split.
+        batch_size: Examples per batch.
+
+    Returns:
+        The number of batches per epoch.
+
+    Raises:
+        ValueError: If `batch_size` is larger than the split.
+    """
     steps = len(split.labels) // batch_size
     if steps < 1:
         raise ValueError(
-            f"--batch_size {batch_size} is larger than the split ({len(split.labels)} examples)."
+            f"`batch_size` {batch_size} is larger than the split ({len(split.labels)} examples)."
         )
     return steps
 
@@ -222,6 +262,15 @@ def train_batches(
 
 
 def eval_batches(split: Split, batch_size: int, max_batches: int = 0) -> tf.data.Dataset:
-    """The evaluation batches in order (all of them when `max_batches` is 0)."""
+    """The evaluation batches in order.
+
+    Args:
+        split: The evaluation split.
+        batch_size: Examples per batch (the last batch may be smaller).
+        max_batches: At most this many batches; 0 means all.
+
+    Returns:
+        A dataset of `(images, labels)`.
+    """
     ds = tf.data.Dataset.from_tensor_slices((split.images, split.labels)).batch(batch_size)
     return ds.take(max_batches) if max_batches else ds

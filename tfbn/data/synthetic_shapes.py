@@ -42,7 +42,20 @@ class ShapesConfig(tfds.core.BuilderConfig):
 
 
 def shape_mask(shape: str, center_x: float, center_y: float, radius: float) -> np.ndarray:
-    """Boolean `[IMAGE_SIZE, IMAGE_SIZE]` mask of one shape."""
+    """Boolean `[IMAGE_SIZE, IMAGE_SIZE]` mask of one shape.
+
+    Args:
+        shape: One of `SHAPES`.
+        center_x: Horizontal centre, in pixels.
+        center_y: Vertical centre, in pixels.
+        radius: Size of the shape, in pixels.
+
+    Returns:
+        The mask.
+
+    Raises:
+        ValueError: For an unknown shape.
+    """
     y, x = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32)
     dx, dy = np.abs(x - center_x), np.abs(y - center_y)
     if shape == "square":
@@ -59,7 +72,16 @@ def shape_mask(shape: str, center_x: float, center_y: float, radius: float) -> n
 
 
 def render(config: ShapesConfig, label: int, rng: np.random.Generator) -> np.ndarray:
-    """One uint8 `[32, 32, 3]` image of shape `SHAPES[label]` in `config`'s domain."""
+    """One uint8 `[32, 32, 3]` image of shape `SHAPES[label]` in `config`'s domain.
+
+    Args:
+        config: The domain (background, contrast, colour cast, noise).
+        label: The class, an index into `SHAPES`.
+        rng: The random generator (position, size, colours, noise).
+
+    Returns:
+        The image.
+    """
     center_x, center_y = rng.uniform(11, 21, size=2)
     radius = rng.uniform(6, 10)
     mask = shape_mask(SHAPES[label], center_x, center_y, radius)[..., None]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import List
 
 from tfbn.experiments.common import ExperimentConfig, ExperimentResult, write_result
 
@@ -24,6 +23,12 @@ EXPERIMENTS = {
 def get_experiment(name: str) -> Callable[[ExperimentConfig], ExperimentResult]:
     """The `run` function of the experiment called `name`.
 
+    Args:
+        name: A key of `EXPERIMENTS`.
+
+    Returns:
+        The experiment's `run(config) -> ExperimentResult`.
+
     Raises:
         ValueError: For an unknown name, listing the known ones.
     """
@@ -33,7 +38,18 @@ def get_experiment(name: str) -> Callable[[ExperimentConfig], ExperimentResult]:
 
 
 def run_experiment(name: str, config: ExperimentConfig) -> list[str]:
-    """Runs one experiment and writes its files; returns their paths."""
+    """Runs one experiment and writes its files.
+
+    Args:
+        name: A key of `EXPERIMENTS`.
+        config: The shared experiment settings.
+
+    Returns:
+        The paths written (CSV, markdown, plots).
+
+    Raises:
+        ValueError: For an unknown name.
+    """
     result = get_experiment(name)(config)
     return write_result(result, config.output_dir)
 

@@ -22,6 +22,14 @@ flags.DEFINE_bool("progress", True, "Show progress bars.")
 
 
 def main(argv):
+    """Runs the named experiment (or all of them) from the parsed flags.
+
+    Args:
+        argv: The program name and the experiment name.
+
+    Raises:
+        app.UsageError: Unless exactly one known name (or `all`) is given.
+    """
     logging.set_verbosity(logging.WARNING)  # TFDS logs every dataset it opens
     names = argv[1:]
     if len(names) != 1 or names[0] not in list(experiments.EXPERIMENTS) + ["all"]:

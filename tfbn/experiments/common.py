@@ -1,5 +1,9 @@
 """What every experiment shares: its config, data, training loop and outputs.
 
+The training loop uses the trainer's own train step
+(`tfbn.finetune.train_step.build_train_step`): deferred BN updates applied
+after the gradients, and non-finite steps skipped.
+
 An experiment is a function `run(config) -> ExperimentResult`. The result
 holds the raw numbers (written as CSV), a markdown summary and plot specs;
 `write_result` renders them, drawing PNGs only when matplotlib is installed
@@ -20,6 +24,8 @@ import tensorflow as tf
 
 from tfbn.data import pipeline
 from tfbn.deferred_updates import deferred_updates
+from tfbn.finetune import train_step
+from tfbn.finetune.update_plan import plan_update
 
 SOURCE = "tfbn_shapes/source"
 TARGET = "tfbn_shapes/target"
@@ -55,7 +61,14 @@ class ExperimentConfig:
             raise ValueError(f"`image_size` must be >= 4; received {self.image_size}.")
 
     def steps(self, full: int) -> int:
-        """`full` steps scaled by `scale`, at least 2."""
+        """`full` steps scaled by `scale`, at least 2.
+
+        Args:
+            full: The step count of the documented run.
+
+        Returns:
+            The scaled step count.
+        """
         return max(2, int(round(full * self.scale)))
 
 
@@ -105,7 +118,16 @@ class Data:
 
 
 def load_data(config: ExperimentConfig, dataset: str = SOURCE, flatten: bool = True) -> Data:
-    """Loads the embedded dataset (generated locally on first use)."""
+    """Loads the embedded dataset (generated locally on first use).
+
+    Args:
+        config: The experiment settings (image size, data directory).
+        dataset: The TFDS name.
+        flatten: Flatten each image into a vector.
+
+    Returns:
+        The train and test arrays.
+    """
     train = pipeline.load_split(dataset, "train", config.image_size, config.data_dir)
     test = pipeline.load_split(dataset, "test", config.image_size, config.data_dir)
 
@@ -125,6 +147,16 @@ def evaluate(
     `training=True` normalizes with each batch's statistics (what the model
     sees while it trains); the moving-statistics updates that causes are
     discarded, so evaluating never changes the model.
+
+    Args:
+        model: The classifier (logits out).
+        x: Inputs.
+        y: Integer labels.
+        training: Normalize with batch statistics instead of moving ones.
+        batch_size: Examples per forward pass.
+
+    Returns:
+        `(accuracy, mean cross-entropy)`.
     """
     correct, loss_sum = 0, 0.0
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum")
@@ -157,7 +189,11 @@ def train_classifier(
     on_eval: Callable[[int], dict[str, float]] | None = None,
     label: str = "",
 ) -> list[dict]:
-    """Trains with cross-entropy, evaluating in inference mode along the way.
+    """Trains every variable with cross-entropy, evaluating in inference mode along the way.
+
+    Each step is the trainer's step (`train_step.build_train_step`) with an
+    update plan covering the whole model: every BN layer updates its moving
+    statistics; a step with a non-finite loss or gradient changes nothing.
 
     Args:
         model: The classifier (logits out).
@@ -174,17 +210,10 @@ def train_classifier(
         label: Shown next to the progress bar.
 
     Returns:
-        One row per evaluation: step, test accuracy and loss, last train loss.
+        One row per evaluation: step, test accuracy and loss, last train
+        loss, and the steps skipped so far as non-finite.
     """
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-    @tf.function
-    def train_step(x, y):
-        with tf.GradientTape() as tape:
-            loss = loss_fn(y, model(x, training=True))
-        grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply(grads, model.trainable_variables)
-        return loss
+    step_fn = train_step.build_train_step(model, optimizer, plan_update(model))
 
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(data.train_x))
@@ -200,7 +229,7 @@ def train_classifier(
             order, position = rng.permutation(len(data.train_x)), 0
         batch = order[position : position + batch_size]
         position += batch_size
-        loss = float(train_step(data.train_x[batch], data.train_y[batch]))
+        loss = float(step_fn(data.train_x[batch], data.train_y[batch])["loss"])
         values = [("loss", loss)]
         if (eval_every and step % eval_every == 0) or step == steps:
             accuracy, test_loss = evaluate(model, data.test_x, data.test_y)
@@ -209,6 +238,7 @@ def train_classifier(
                 "test_accuracy": accuracy,
                 "test_loss": test_loss,
                 "train_loss": loss,
+                "skipped_steps": int(step_fn.skipped_steps.numpy()),
             }
             if on_eval is not None:
                 row.update(on_eval(step))
@@ -219,7 +249,15 @@ def train_classifier(
 
 
 def write_result(result: ExperimentResult, output_dir: str) -> list[str]:
-    """Writes `<name>.csv`, `<name>.md` and the PNG plots; returns the paths."""
+    """Writes `<name>.csv`, `<name>.md` and the PNG plots.
+
+    Args:
+        result: The experiment's result.
+        output_dir: Where to write (created if needed).
+
+    Returns:
+        The paths written.
+    """
     os.makedirs(output_dir, exist_ok=True)
     written = []
     csv_path = os.path.join(output_dir, f"{result.name}.csv")
@@ -286,5 +324,14 @@ def _draw_plots(plots: Sequence[Plot], output_dir: str) -> list[str]:
 
 
 def series(rows: Sequence[dict], x_key: str, y_key: str) -> tuple[list[float], list[float]]:
-    """Pulls one plot series out of result rows."""
+    """Pulls one plot series out of result rows.
+
+    Args:
+        rows: The result rows.
+        x_key: The column of the x values.
+        y_key: The column of the y values.
+
+    Returns:
+        `(x values, y values)`.
+    """
     return [row[x_key] for row in rows], [row[y_key] for row in rows]

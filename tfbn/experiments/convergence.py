@@ -24,7 +24,21 @@ WATCHED_UNIT = 0
 def sigmoid_mlp(
     input_dim: int, num_classes: int, batch_norm: bool, bn_kwargs: dict | None = None, seed: int = 0
 ) -> keras.Model:
-    """The paper's MLP; the last hidden layer's sigmoid input is `pre_sigmoid3`."""
+    """The paper's MLP; the last hidden layer's sigmoid input is `pre_sigmoid3`.
+
+    No bundled builder fits (sigmoid units, an identity stand-in for BN), so
+    the experiment builds it here.
+
+    Args:
+        input_dim: Features per (flattened) example.
+        num_classes: Number of output logits.
+        batch_norm: Put a `tfbn.BatchNormalization` before each sigmoid.
+        bn_kwargs: Extra BN arguments.
+        seed: Seeds the initial weights.
+
+    Returns:
+        The model.
+    """
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((input_dim,))
     x = inputs
@@ -40,6 +54,14 @@ def sigmoid_mlp(
 
 
 def run(config: common.ExperimentConfig) -> common.ExperimentResult:
+    """Runs the experiment.
+
+    Args:
+        config: The shared experiment settings.
+
+    Returns:
+        The rows, summary and plots.
+    """
     data = common.load_data(config)
     steps = config.steps(1500)
     eval_every = max(1, steps // 30)
@@ -86,8 +108,8 @@ def run(config: common.ExperimentConfig) -> common.ExperimentResult:
             for label in final
         )
         + "\nThe second plot follows the 15th, 50th and 85th percentiles of one unit's sigmoid "
-        "input in the last hidden layer (test set, as seen in training mode): with BN the distribution "
-        "stays stable, without BN it drifts, as in the paper's figure 1(b, c)."
+        "input in the last hidden layer (test set, as seen in training mode): with BN the "
+        "distribution stays stable, without BN it drifts, as in the paper's figure 1(b, c)."
     )
     plots = [
         common.Plot(

@@ -1,7 +1,7 @@
 """Fine-tuning the head under covariate shift: what to do with the frozen BN layers.
 
 Pretrain Tiny-Darknet on `tfbn_shapes/source`, then fine-tune only `head/` on
-the shifted `tfbn_shapes/target` with each `--frozen_bn_mode` of the trainer,
+the shifted `tfbn_shapes/target` with each `frozen_bn_mode` of the trainer,
 and once more after `tfbn.recompute_statistics` has re-estimated every BN
 layer's population statistics on target data (AdaBN done exactly, before
 the head is trained). We report target accuracy and how far the backbone's
@@ -60,6 +60,14 @@ def _save_as_init_checkpoint(model: keras.Model, directory: str) -> str:
 
 
 def run(config: common.ExperimentConfig) -> common.ExperimentResult:
+    """Runs the experiment.
+
+    Args:
+        config: The shared experiment settings.
+
+    Returns:
+        The rows, summary and plots.
+    """
     work_dir = os.path.join(config.output_dir, "finetune_shift_runs")
     verbose = 1 if config.progress else 0
     base = TrainConfig(

@@ -12,6 +12,14 @@ MULTIPLIERS = (1, 5, 30)
 
 
 def run(config: common.ExperimentConfig) -> common.ExperimentResult:
+    """Runs the experiment.
+
+    Args:
+        config: The shared experiment settings.
+
+    Returns:
+        The rows, summary and plots.
+    """
     data = common.load_data(config)
     steps = config.steps(800)
     eval_every = max(1, steps // 20)
@@ -50,7 +58,8 @@ def run(config: common.ExperimentConfig) -> common.ExperimentResult:
         for r in finals
     )
     summary = (
-        f"Sigmoid MLP, SGD with base learning rate {BASE_LEARNING_RATE}, batch 60, {steps} steps.\n\n"
+        f"Sigmoid MLP, SGD with base learning rate {BASE_LEARNING_RATE}, batch 60, "
+        f"{steps} steps.\n\n"
         "| BN | learning rate | final test accuracy | last train loss |\n|---|---|---|---|\n"
         + table
         + "\nWithout BN the largest rate saturates the sigmoids (or diverges); with BN the "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import keras
 
 from tfbn.experiments import common
-from tfbn.layers.batch_normalization import BatchNormalization
+from tfbn.models.bn_mlp import bn_mlp
 
 BATCH_SIZES = (2, 4, 8, 16, 32, 64, 128)
 # The paper's clipping; renorm_momentum 0.9 rather than 0.99 because these
@@ -25,7 +25,18 @@ RENORM = {
 
 
 def variant_kwargs(variant: str, batch_size: int) -> dict:
-    """BN arguments of one variant; ghost batches are a quarter of the batch (>= 2)."""
+    """BN arguments of one variant; ghost batches are a quarter of the batch (>= 2).
+
+    Args:
+        variant: `"BN"`, `"batch renorm"` or `"ghost BN"`.
+        batch_size: The training batch size.
+
+    Returns:
+        Keyword arguments of `tfbn.BatchNormalization`.
+
+    Raises:
+        ValueError: For an unknown variant.
+    """
     if variant == "BN":
         return {}
     if variant == "batch renorm":
@@ -37,18 +48,36 @@ def variant_kwargs(variant: str, batch_size: int) -> dict:
 
 
 def relu_mlp(input_dim: int, num_classes: int, bn_kwargs: dict, seed: int) -> keras.Model:
-    """Two Dense-BN-ReLU layers (BN momentum 0.9 unless `bn_kwargs` says otherwise)."""
+    """The library's `bn_mlp` with two Dense-BN-ReLU layers (128, 64) and no hidden head.
+
+    Args:
+        input_dim: Features per (flattened) example.
+        num_classes: Number of output logits.
+        bn_kwargs: BN arguments of the variant; momentum is 0.9 unless given.
+        seed: Seeds the initial weights.
+
+    Returns:
+        The model.
+    """
     keras.utils.set_random_seed(seed)
-    inputs = keras.Input((input_dim,))
-    x = inputs
-    for index, units in enumerate((128, 64), start=1):
-        x = keras.layers.Dense(units, use_bias=False, name=f"dense{index}")(x)
-        x = BatchNormalization(name=f"bn{index}", **{"momentum": 0.9, **bn_kwargs})(x)
-        x = keras.layers.ReLU()(x)
-    return keras.Model(inputs, keras.layers.Dense(num_classes)(x))
+    return bn_mlp(
+        num_classes,
+        (input_dim,),
+        widths=(128, 64),
+        head_width=None,
+        bn_kwargs={"momentum": 0.9, **bn_kwargs},
+    )
 
 
 def run(config: common.ExperimentConfig) -> common.ExperimentResult:
+    """Runs the experiment.
+
+    Args:
+        config: The shared experiment settings.
+
+    Returns:
+        The rows, summary and plots.
+    """
     data = common.load_data(config)
     steps = config.steps(400)
     rows, curves = [], {}
@@ -93,7 +122,8 @@ def run(config: common.ExperimentConfig) -> common.ExperimentResult:
     summary = (
         f"ReLU MLP with two BN layers (momentum 0.9), Adam(1e-3), {steps} steps per run. "
         "Ghost BN uses ghost batches of a quarter of the batch (none below 8); renorm clips "
-        "r to [1/3, 3] and d to [-5, 5] with renorm_momentum 0.9 (0.99 lags on a run this short).\n\n"
+        "r to [1/3, 3] and d to [-5, 5] with renorm_momentum 0.9 "
+        "(0.99 lags on a run this short).\n\n"
         "| variant | batch size | test accuracy (inference) | test accuracy (batch statistics) |\n"
         "|---|---|---|---|\n" + table
     )

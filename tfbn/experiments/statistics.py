@@ -18,6 +18,14 @@ MOMENTA = (0.9, 0.99, 0.999, None)
 
 
 def run(config: common.ExperimentConfig) -> common.ExperimentResult:
+    """Runs the experiment.
+
+    Args:
+        config: The shared experiment settings.
+
+    Returns:
+        The rows, summary and plots.
+    """
     data = common.load_data(config)
     steps = config.steps(300)
     batch_size = 32

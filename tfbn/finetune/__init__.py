@@ -1,8 +1,26 @@
-"""Partial fine-tuning: the update plan, partial restore, the train step, reports.
+"""Partial fine-tuning: the update plan, partial restore, the train step, the trainer.
 
-Modules: `config` and `flags` (the typed run configuration and the absl flags
-that fill it), `update_plan` (which variables train, BN modes), `checkpoint`
-(resume and partial restore by variable path), `trainer` (the train loop),
-`report` (the BN report), `summaries` (TensorBoard and metrics.jsonl),
-`distribution` (tf.distribute strategies).
+Modules:
+
+* `config`: `TrainConfig`, the typed, validated configuration of one run
+  (its field names are the `train.py` flag names).
+* `flags`: the absl flags of `train.py` and `config_from_flags`.
+* `patterns`: scope patterns (regexes on variable paths) that must match.
+* `update_plan`: `BNMode` and `plan_update`: which variables train, and the
+  mode of every BN layer.
+* `optimizers`: the optimizer and learning-rate schedule of a config.
+* `train_step`: `build_train_step` (the one train step: deferred BN updates,
+  finite guard, any strategy), `bn_modes`, the eval step.
+* `checkpoint`: the trainer's checkpoint, exact resume and partial restore
+  by variable path.
+* `trainer`: the `Trainer` object (initialize, train, evaluate,
+  write_report, export) and `train(config)`.
+* `outputs`: console reporter, logs, BN report and export of the chief;
+  silent stand-ins for other workers.
+* `report`: the BN report (bit-identical frozen statistics).
+* `summaries`: TensorBoard events and metrics.jsonl.
+* `distribution`: `tf.distribute` strategies, worker roles, synchronized BN.
+
+Library errors name Python arguments (config fields such as
+`restore_exclude`); only `train.py` speaks in flags.
 """

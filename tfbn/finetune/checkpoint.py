@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
-from tfbn.finetune import update_plan
+from tfbn.finetune import patterns
 
 MODEL_VARIABLES = "model_variables"
 OPTIMIZER_VARIABLES = "optimizer_variables"
@@ -43,6 +43,9 @@ def make_checkpoint(model, optimizer, global_step, skipped_steps) -> tf.train.Ch
 
     Returns:
         The `tf.train.Checkpoint`.
+
+    Raises:
+        ValueError: If several model (or optimizer) variables share a path.
     """
     entries = {
         MODEL_VARIABLES: {variable.path: variable.value for variable in model.variables},
@@ -67,6 +70,12 @@ def make_checkpoint(model, optimizer, global_step, skipped_steps) -> tf.train.Ch
 def resolve_checkpoint_path(path: str) -> str:
     """A checkpoint prefix from a model_dir (its latest checkpoint) or a prefix.
 
+    Args:
+        path: A directory holding checkpoints, or a checkpoint prefix.
+
+    Returns:
+        The checkpoint prefix.
+
     Raises:
         ValueError: If `path` holds no checkpoint.
     """
@@ -74,13 +83,13 @@ def resolve_checkpoint_path(path: str) -> str:
         latest = tf.train.latest_checkpoint(path)
         if latest is None:
             raise ValueError(
-                f"--init_checkpoint {path!r} is a directory without a checkpoint; "
+                f"`init_checkpoint` {path!r} is a directory without a checkpoint; "
                 "pass a model_dir of a finished run or a checkpoint prefix."
             )
         return latest
     if not tf.io.gfile.exists(path + ".index"):
         raise ValueError(
-            f"--init_checkpoint {path!r} is neither a directory nor a checkpoint prefix "
+            f"`init_checkpoint` {path!r} is neither a directory nor a checkpoint prefix "
             f"({path}.index does not exist)."
         )
     return path
@@ -136,7 +145,11 @@ class RestoreReport:
     not_restored: list[str]
 
     def summary(self) -> str:
-        """A few human-readable lines."""
+        """A few human-readable lines.
+
+        Returns:
+            The summary text.
+        """
         return (
             f"Restored {len(self.restored)} variables from {self.checkpoint}; "
             f"skipped {len(self.skipped)} checkpoint variables; "
@@ -152,18 +165,28 @@ def plan_restore(
 ) -> list[str]:
     """The model variable paths to restore; every one must be in the checkpoint.
 
+    Args:
+        model_paths: The model's variable paths.
+        checkpoint_values: `{path: value}` of the checkpoint.
+        include: Regexes of the paths to restore (`restore_part`); empty
+            means all.
+        exclude: Regexes of the paths not to restore (`restore_exclude`).
+
+    Returns:
+        The selected model paths, in model order.
+
     Raises:
         ValueError: If a pattern matches no model variable, or a selected
             variable is missing from the checkpoint.
     """
-    selected = update_plan.select(model_paths, include, exclude, "restore_part", "restore_exclude")
+    selected = patterns.select(model_paths, include, exclude, "restore_part", "restore_exclude")
     missing = [path for path in selected if path not in checkpoint_values]
     if missing:
         raise ValueError(
             f"{len(missing)} selected variables are missing from the checkpoint: "
             f"{missing[:10]}{' ...' if len(missing) > 10 else ''}. Exclude them with "
-            "--restore_exclude (e.g. a new head) or narrow --restore_part. "
-            f"Checkpoint prefixes: {update_plan.known_prefixes(list(checkpoint_values))}."
+            "`restore_exclude` (e.g. a new head) or narrow `restore_part`. "
+            f"Checkpoint prefixes: {patterns.known_prefixes(list(checkpoint_values))}."
         )
     return selected
 
@@ -212,7 +235,7 @@ def restore_partial(
         if tuple(variable.shape) != value.shape:
             raise ValueError(
                 f"Variable {path!r} has shape {tuple(variable.shape)} in the model but "
-                f"{value.shape} in {prefix}; exclude it with --restore_exclude."
+                f"{value.shape} in {prefix}; exclude it with `restore_exclude`."
             )
         variable.assign(value)
     chosen = set(selected)
@@ -227,6 +250,10 @@ def restore_partial(
 def resume(checkpoint: tf.train.Checkpoint, manager: tf.train.CheckpointManager) -> str | None:
     """Restores the latest checkpoint of `manager`, if any, matching exactly.
 
+    Args:
+        checkpoint: The run's checkpoint (`make_checkpoint`).
+        manager: The manager of the run's `model_dir`.
+
     Returns:
         The checkpoint prefix restored, or None when the directory has none.
 
@@ -240,7 +267,7 @@ def resume(checkpoint: tf.train.Checkpoint, manager: tf.train.CheckpointManager)
         return None
     hint = (
         "Resume with the flags it was written with (see flags.txt next to it), or "
-        "start a new --model_dir and pass the old one as --init_checkpoint."
+        "start a new `model_dir` and pass the old one as `init_checkpoint`."
     )
     # Compare paths and shapes first: a mismatch is then reported before the
     # object-graph restore starts (which would leave half-restored state).

@@ -70,16 +70,20 @@ class TrainConfig:
                 message = check(getattr(self, field.name))
                 if message:
                     raise ValueError(
-                        f"--{field.name}: {message} (received {getattr(self, field.name)!r})."
+                        f"`{field.name}`: {message} (received {getattr(self, field.name)!r})."
                     )
         if self.restore_part and not self.init_checkpoint:
             raise ValueError(
-                "--restore_part needs --init_checkpoint: there is nothing to restore "
+                "`restore_part` needs `init_checkpoint`: there is nothing to restore "
                 f"from (received restore_part={list(self.restore_part)})."
             )
 
     def to_flagfile(self) -> str:
-        """The config in absl flagfile syntax (`train.py --flagfile=` reads it back)."""
+        """The config in absl flagfile syntax (`train.py --flagfile=` reads it back).
+
+        Returns:
+            One `--name=value` line per set field.
+        """
         lines = []
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
@@ -92,7 +96,11 @@ class TrainConfig:
         return "\n".join(lines) + "\n"
 
     def resolved_export_dir(self) -> str:
-        """Where the final model is exported (`<model_dir>/export` by default)."""
+        """Where the final model is exported.
+
+        Returns:
+            `export_dir`, or `<model_dir>/export` when it is not set.
+        """
         return self.export_dir or os.path.join(self.model_dir, "export")
 
 

@@ -6,12 +6,12 @@ is just a one-replica case of it); this module builds the pieces around it:
 * `configure_logical_cpus` splits the CPU into N logical devices, which is
   how multi-replica training is run and tested on a CPU-only machine. It
   must run before TensorFlow initialises its devices.
-* `make_strategy` builds the strategy named by `--strategy`.
+* `make_strategy` builds the strategy named by the `strategy` config field.
 * `WorkerRole` tells a worker whether it is the chief (which writes the
   checkpoints, summaries, metrics, BN report and export) and where a
   non-chief worker writes its throw-away checkpoints.
 * `synchronize_batch_norm` makes every BN layer compute global-batch
-  statistics across replicas (`--sync_bn`).
+  statistics across replicas (`sync_bn`).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def configure_logical_cpus(num_devices: int) -> None:
     """
     if isinstance(num_devices, bool) or not isinstance(num_devices, int) or num_devices < 0:
         raise ValueError(
-            f"--num_cpu_devices must be an integer >= 0 (0 keeps the device setup); "
+            f"`num_cpu_devices` must be an integer >= 0 (0 keeps the device setup); "
             f"received {num_devices!r}."
         )
     if num_devices == 0:
@@ -56,16 +56,16 @@ def configure_logical_cpus(num_devices: int) -> None:
         existing = len(tf.config.list_logical_devices("CPU"))
         if existing != num_devices:
             raise ValueError(
-                f"--num_cpu_devices={num_devices}: TensorFlow already initialised its "
+                f"`num_cpu_devices`={num_devices}: TensorFlow already initialised its "
                 f"devices with {existing} logical CPU device(s), and they cannot be "
                 "split afterwards. Configure them before any TensorFlow op runs (train.py "
-                "does so first thing), or pass --num_cpu_devices="
+                "does so first thing), or pass `num_cpu_devices`="
                 f"{existing}."
             ) from None
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy:
-    """Builds the strategy `--strategy` names.
+    """Builds the strategy that the `strategy` config field names.
 
     * `default`: no distribution (one replica on the default device).
     * `mirrored`: one worker, one replica per GPU; without GPUs, one replica
@@ -101,7 +101,7 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
         return tf.distribute.MultiWorkerMirroredStrategy()
     if name == "tpu":
         logging.warning(
-            "--strategy=tpu is untested (no TPU was available to the tfbn project); "
+            "`strategy`='tpu' is untested (no TPU was available to the tfbn project); "
             "report problems with the full log."
         )
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
@@ -110,7 +110,7 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver)
-    raise ValueError(f"--strategy must be one of {list(STRATEGIES)}; received {name!r}.")
+    raise ValueError(f"`strategy` must be one of {list(STRATEGIES)}; received {name!r}.")
 
 
 def _cluster_from_tf_config():
@@ -122,7 +122,7 @@ def _cluster_from_tf_config():
     raw = os.environ.get("TF_CONFIG")
     if not raw:
         raise ValueError(
-            f"--strategy=multi_worker needs the TF_CONFIG environment variable, e.g. {example}."
+            f"`strategy`='multi_worker' needs the TF_CONFIG environment variable, e.g. {example}."
         )
     try:
         tf_config = json.loads(raw)
@@ -138,7 +138,8 @@ def _cluster_from_tf_config():
         or "type" not in task
     ):
         raise ValueError(
-            f"TF_CONFIG needs a 'cluster' and a 'task' with 'type' and 'index'; received {raw!r}; e.g. {example}."
+            "TF_CONFIG needs a 'cluster' and a 'task' with 'type' and 'index'; "
+            f"received {raw!r}; e.g. {example}."
         )
     if task["type"] not in cluster:
         raise ValueError(
@@ -169,6 +170,12 @@ class WorkerRole:
         only the chief's lands in `model_dir`; the others write to their own
         `workertemp_<type>_<id>` directory, which the trainer deletes after
         each save.
+
+        Args:
+            model_dir: The run's directory.
+
+        Returns:
+            The directory this worker saves to.
         """
         if self.is_chief:
             return model_dir
@@ -183,6 +190,9 @@ def is_chief_task(task_type: str | None, task_id: int | None, cluster: dict) -> 
             without a cluster.
         task_id: This task's index.
         cluster: The cluster spec as `{task_type: [addresses]}`.
+
+    Returns:
+        Whether the task is the chief.
     """
     if task_type is None:
         return True
@@ -192,7 +202,15 @@ def is_chief_task(task_type: str | None, task_id: int | None, cluster: dict) -> 
 
 
 def worker_role(strategy: tf.distribute.Strategy) -> WorkerRole:
-    """The `WorkerRole` of this process under `strategy` (single-worker: the chief)."""
+    """The `WorkerRole` of this process under `strategy`.
+
+    Args:
+        strategy: The run's strategy.
+
+    Returns:
+        The role; every strategy but `MultiWorkerMirroredStrategy` makes this
+        process the chief.
+    """
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return WorkerRole(is_chief=True)
     resolver = strategy.cluster_resolver
@@ -222,9 +240,9 @@ def synchronize_batch_norm(model) -> int:
     for layer in layers:
         if getattr(layer, "virtual_batch_size", None) is not None:
             raise ValueError(
-                f"--sync_bn: layer {layer.path!r} uses virtual_batch_size="
+                f"`sync_bn`: layer {layer.path!r} uses virtual_batch_size="
                 f"{layer.virtual_batch_size}, which contradicts global-batch statistics; "
-                "drop --sync_bn or the virtual batch size."
+                "drop `sync_bn` or the virtual batch size."
             )
     for layer in layers:
         layer.synchronized = True
@@ -234,6 +252,13 @@ def synchronize_batch_norm(model) -> int:
 def replica_batch_size(global_batch_size: int, strategy: tf.distribute.Strategy) -> int:
     """The per-replica batch of an evenly split global batch.
 
+    Args:
+        global_batch_size: The `batch_size` of the run (the global batch).
+        strategy: The run's strategy.
+
+    Returns:
+        The examples per replica.
+
     Raises:
         ValueError: If the global batch does not split evenly, or leaves a
             replica fewer than 2 examples (local BN statistics need two).
@@ -241,13 +266,14 @@ def replica_batch_size(global_batch_size: int, strategy: tf.distribute.Strategy)
     replicas = strategy.num_replicas_in_sync
     if global_batch_size % replicas:
         raise ValueError(
-            f"--batch_size={global_batch_size} is the global batch and must split evenly "
+            f"`batch_size`={global_batch_size} is the global batch and must split evenly "
             f"over the {replicas} replicas; use a multiple of {replicas}."
         )
     if global_batch_size // replicas < 2:
         raise ValueError(
-            f"--batch_size={global_batch_size} leaves {global_batch_size // replicas} example(s) per "
-            f"replica over {replicas} replicas; BN needs at least 2 per replica."
+            f"`batch_size`={global_batch_size} leaves {global_batch_size // replicas} "
+            f"example(s) per replica over {replicas} replicas; BN needs at least 2 per "
+            "replica."
         )
     return global_batch_size // replicas
 
@@ -258,6 +284,11 @@ def distribute_batch(strategy: tf.distribute.Strategy, images, labels):
     Every worker computes the same global batch of a step (it is a pure
     function of the seed and the step), and each replica takes the slice of
     its global replica id, so the split is deterministic and resumes exactly.
+
+    Args:
+        strategy: The run's strategy.
+        images: The global batch of images.
+        labels: The global batch of labels.
 
     Returns:
         `(images, labels)` as distributed values for `strategy.run`.

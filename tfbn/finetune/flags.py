@@ -1,13 +1,16 @@
-"""The absl flags of `train.py` and the one function that turns them into a config.
+"""The absl flags of `train.py`: definitions, the config they fill, error wording.
 
 Only `train.py` and this module touch absl flags; library code receives a
-`tfbn.config.TrainConfig`. Every flag gets the validator of its config field,
+`tfbn.finetune.config.TrainConfig`. Every flag gets the validator of its config field,
 so a bad value is rejected at parse time with a message naming the flag.
+Library errors name config fields (`update_part`); `as_flag_message` is the
+one place that words them as flags (--update_part) for the command line.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from absl import flags
 
@@ -277,3 +280,25 @@ def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> config_lib
         value = flag_values[field.name].value
         values[field.name] = tuple(value) if isinstance(value, list) else value
     return config_lib.TrainConfig(**values)
+
+
+# Library errors quote argument names in backticks: `update_part`.
+_QUOTED_NAME = re.compile(r"`([a-z_]+)`")
+
+
+def as_flag_message(message: str) -> str:
+    """Rewrites every quoted config field name (`update_part`) as its flag (--update_part).
+
+    Config field names are the flag names, so a library error that names the
+    Python argument names the flag once rewritten. Other quoted names stay.
+
+    Args:
+        message: A library error message.
+
+    Returns:
+        The message in the command line's terms.
+    """
+    fields = {field.name for field in dataclasses.fields(config_lib.TrainConfig)}
+    return _QUOTED_NAME.sub(
+        lambda match: f"--{match[1]}" if match[1] in fields else match[0], message
+    )

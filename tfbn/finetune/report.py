@@ -13,18 +13,26 @@ import json
 
 import numpy as np
 
-from tfbn.finetune import update_plan
+from tfbn.finetune.update_plan import BNMode, UpdatePlan
 from tfbn.layers import introspection
 from tfbn.nn.batch_norm import STATISTIC_NAMES
 
 Snapshot = dict[str, dict[str, np.ndarray]]
 _SEPARATOR = "|"
 # Modes in which a BN layer's moving statistics must not change.
-FROZEN_STAT_MODES = ("inference", "batch")
+FROZEN_STAT_MODES = (BNMode.INFERENCE, BNMode.BATCH)
 
 
 def snapshot(bn_layers) -> Snapshot:
-    """Copies of every BN layer's gamma, beta and moving statistics, by layer path."""
+    """Copies of every BN layer's gamma, beta and moving statistics, by layer path.
+
+    Args:
+        bn_layers: The BN layers.
+
+    Returns:
+        `{layer path: {variable name: value}}`, with every statistic of
+        `introspection.statistic_variables`.
+    """
     return {
         layer.path: {
             name: np.array(variable.numpy())
@@ -35,7 +43,12 @@ def snapshot(bn_layers) -> Snapshot:
 
 
 def save_snapshot(path: str, values: Snapshot) -> None:
-    """Writes a snapshot as a `.npz` file."""
+    """Writes a snapshot as a `.npz` file.
+
+    Args:
+        path: The file to write.
+        values: The snapshot.
+    """
     flat = {
         f"{layer}{_SEPARATOR}{name}": value
         for layer, items in values.items()
@@ -46,7 +59,14 @@ def save_snapshot(path: str, values: Snapshot) -> None:
 
 
 def load_snapshot(path: str) -> Snapshot:
-    """Reads a snapshot written by `save_snapshot`."""
+    """Reads a snapshot written by `save_snapshot`.
+
+    Args:
+        path: The `.npz` file.
+
+    Returns:
+        The snapshot.
+    """
     values: Snapshot = {}
     with np.load(path) as data:
         for key in data.files:
@@ -55,8 +75,12 @@ def load_snapshot(path: str) -> Snapshot:
     return values
 
 
-def bn_report(plan: update_plan.UpdatePlan, baseline: Snapshot) -> list[dict]:
+def bn_report(plan: UpdatePlan, baseline: Snapshot) -> list[dict]:
     """One row per BN layer of `plan`, comparing its variables with `baseline`.
+
+    Args:
+        plan: The update plan (its BN layers and modes).
+        baseline: The snapshot taken right after the restore.
 
     Returns:
         Rows with keys `path`, `type`, `in_update_set`, `mode`,
@@ -79,8 +103,8 @@ def bn_report(plan: update_plan.UpdatePlan, baseline: Snapshot) -> list[dict]:
             {
                 "path": layer.path,
                 "type": type(layer).__module__.split(".")[0] + "." + type(layer).__name__,
-                "in_update_set": mode == update_plan.MODE_TRAIN,
-                "mode": mode,
+                "in_update_set": mode is BNMode.TRAIN,
+                "mode": str(mode),
                 "max_abs_change": changes,
                 "stats_bit_identical": bool(identical),
             }
@@ -89,7 +113,14 @@ def bn_report(plan: update_plan.UpdatePlan, baseline: Snapshot) -> list[dict]:
 
 
 def frozen_stats_violations(rows: list[dict]) -> list[str]:
-    """Paths of layers in a frozen-statistics mode whose statistics changed."""
+    """Paths of layers in a frozen-statistics mode whose statistics changed.
+
+    Args:
+        rows: The report rows.
+
+    Returns:
+        The offending layer paths (empty when the frozen statistics held).
+    """
     return [
         row["path"]
         for row in rows
@@ -98,7 +129,14 @@ def frozen_stats_violations(rows: list[dict]) -> list[str]:
 
 
 def format_table(rows: list[dict]) -> str:
-    """The report as an aligned text table."""
+    """The report as an aligned text table.
+
+    Args:
+        rows: The report rows.
+
+    Returns:
+        The table, one line per layer after a header.
+    """
     names = ("moving_mean", "moving_variance", "gamma", "beta")
     header = ["layer", "update", "mode", "d_mean", "d_var", "d_gamma", "d_beta", "stats"]
     lines = [header]
@@ -116,7 +154,12 @@ def format_table(rows: list[dict]) -> str:
 
 
 def write_report(path: str, rows: list[dict]) -> None:
-    """Writes `bn_report.json` with the rows and the frozen-statistics verdict."""
+    """Writes `bn_report.json` with the rows and the frozen-statistics verdict.
+
+    Args:
+        path: The file to write.
+        rows: The report rows.
+    """
     violations = frozen_stats_violations(rows)
     payload = {
         "layers": rows,

@@ -33,7 +33,15 @@ _HISTOGRAM_METADATA = _metadata("histograms")
 
 
 def histogram_buckets(values, bucket_count: int = _HISTOGRAM_BUCKETS) -> np.ndarray:
-    """`[k, 3]` (left edge, right edge, count) rows: TensorBoard's histogram format."""
+    """`[k, 3]` (left edge, right edge, count) rows: TensorBoard's histogram format.
+
+    Args:
+        values: The values to bucket.
+        bucket_count: The number of equal-width buckets.
+
+    Returns:
+        The buckets; one bucket around the value when all values are equal.
+    """
     values = np.asarray(values, np.float64).ravel()
     low, high = float(values.min()), float(values.max())
     if low == high:
@@ -54,10 +62,17 @@ class RunLogger:
             split: tf.summary.create_file_writer(os.path.join(model_dir, split))
             for split in ("train", "eval")
         }
-        self._jsonl = open(os.path.join(model_dir, "metrics.jsonl"), "a")
+        # Open for the logger's lifetime; `close` closes it.
+        self._jsonl = open(os.path.join(model_dir, "metrics.jsonl"), "a")  # noqa: SIM115
 
     def scalars(self, split: str, step: int, metrics: dict[str, float]) -> None:
-        """Logs scalar metrics of `split` ("train" or "eval") at `step`."""
+        """Logs scalar metrics of `split` at `step`.
+
+        Args:
+            split: `"train"` or `"eval"`.
+            step: The global step.
+            metrics: `{name: value}`.
+        """
         with self._writers[split].as_default(step=step):
             for name, value in metrics.items():
                 tf.summary.write(
@@ -69,7 +84,12 @@ class RunLogger:
         self._jsonl.flush()
 
     def bn_histograms(self, step: int, bn_layers) -> None:
-        """Histograms of every BN layer's moving mean and variance."""
+        """Histograms of every BN layer's moving mean and variance.
+
+        Args:
+            step: The global step.
+            bn_layers: The BN layers.
+        """
         with self._writers["train"].as_default(step=step):
             for layer in bn_layers:
                 for name in ("moving_mean", "moving_variance"):

@@ -1,57 +1,35 @@
-"""The partial fine-tune trainer behind `train.py`.
+"""The partial fine-tune trainer behind `train.py`: the `Trainer` object.
 
-One training step (a `tf.function`), the Tiny-YOLO `var_list` + UPDATE_OPS
-wiring done right:
+`Trainer(config, strategy)` owns one run: `initialize` builds the data, the
+model, the update plan, the optimizer, the train step
+(`tfbn.finetune.train_step`) and the checkpoint; `train` resumes (or
+partially restores) and runs the steps, logging and checkpointing along the
+way; `evaluate`, `write_report` (the BN report) and `export` finish it.
+The module-level `train(config, strategy)` does all of that in order.
 
-1. forward with `training=True` under `tfbn.deferred_updates()`;
-2. gradients for the update set only;
-3. if the loss and every gradient are finite: apply the gradients, then the
-   BN updates of the layers in the update set (and, in `adapt` mode, of the
-   frozen ones); otherwise apply neither and count the step as skipped.
-
-BN layers outside the update set follow `frozen_bn_mode`:
-
-* `inference`: the layer runs with `trainable=False` (Keras' rule: moving
-  statistics, no update), so its statistics stay bit-identical;
-* `batch`: batch statistics, and its pending update is discarded;
-* `adapt`: batch statistics, and its update is applied (AdaBN).
-
-Stock `keras.layers.BatchNormalization` layers update their statistics
-inside the forward pass; the step snapshots them first and writes the
-snapshot back whenever their update must not happen (`batch` mode, or a
-skipped step), so they follow the same contract.
-
-The same step runs under every `tf.distribute` strategy (`--strategy`, see
-`tfbn.finetune.distribution`): one replica function per replica, the
-finite verdict all-reduced so all replicas apply or all skip, and BN
-updates applied once per replica step in the replica context. Under
-`multi_worker` only the chief writes checkpoints, logs, reports and the
-export; the other workers save to throw-away directories.
+Under `multi_worker` only the chief writes console output, flags.txt,
+logs, the BN report and the export; the other workers save their
+checkpoints to throw-away directories. That choice is made once, when the
+`Trainer` is created, by picking the chief's or a worker's output objects;
+the rest of the code does not ask who it is.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import re
 import time
 
 import keras
 import numpy as np
 import tensorflow as tf
-from absl import logging
 
 from tfbn import data as data_lib
 from tfbn import models as models_lib
-from tfbn.deferred_updates import deferred_updates
 from tfbn.finetune import checkpoint as checkpoint_lib
-from tfbn.finetune import distribution, summaries, update_plan
-from tfbn.finetune import report as report_lib
+from tfbn.finetune import distribution, optimizers, patterns, train_step
 from tfbn.finetune.config import TrainConfig
-from tfbn.layers.batch_normalization import BatchNormalization
-
-BASELINE_FILE = "bn_baseline.npz"
-_UPDATING_MODES = (update_plan.MODE_TRAIN, "adapt")
+from tfbn.finetune.outputs import ChiefOutputs, Reporter, WorkerOutputs
+from tfbn.finetune.update_plan import BNMode, UpdatePlan, plan_update
 
 
 @dataclasses.dataclass
@@ -70,7 +48,7 @@ class TrainResult:
     """
 
     model: keras.Model
-    plan: update_plan.UpdatePlan
+    plan: UpdatePlan
     global_step: int
     skipped_steps: int
     resumed_from: str | None = None
@@ -79,237 +57,17 @@ class TrainResult:
     bn_rows: list[dict] | None = None
 
 
-def make_optimizer(config: TrainConfig, update_variables) -> keras.optimizers.Optimizer:
-    """The optimizer and learning-rate schedule of `config`, built for `update_variables`."""
-    lr = config.learning_rate
-    if config.lr_schedule == "cosine":
-        lr = keras.optimizers.schedules.CosineDecay(lr, config.train_steps)
-    elif config.lr_schedule == "step":
-        boundaries = [int(config.train_steps * 0.6), int(config.train_steps * 0.85)]
-        lr = keras.optimizers.schedules.PiecewiseConstantDecay(
-            boundaries,
-            [config.learning_rate, config.learning_rate * 0.1, config.learning_rate * 0.01],
-        )
-    decay = config.weight_decay or None
-    factories = {
-        "sgd": lambda: keras.optimizers.SGD(lr, weight_decay=decay),
-        "momentum": lambda: keras.optimizers.SGD(lr, momentum=0.9, weight_decay=decay),
-        "adam": lambda: keras.optimizers.Adam(lr, weight_decay=decay),
-        "adamw": lambda: keras.optimizers.AdamW(lr, weight_decay=config.weight_decay),
-        "rmsprop": lambda: keras.optimizers.RMSprop(lr, weight_decay=decay),
-    }
-    optimizer = factories[config.optimizer]()
-    # Decay kernels only: BN scale/offset and biases are not weights to shrink.
-    optimizer.exclude_from_weight_decay(var_list=[v for v in update_variables if len(v.shape) <= 1])
-    optimizer.build(list(update_variables))
-    return optimizer
-
-
-def configure_bn_modes(plan: update_plan.UpdatePlan) -> list[tuple]:
-    """Sets `trainable` on each BN layer for its mode; returns the old flags.
-
-    Only `inference` mode needs `trainable=False`; the others run with batch
-    statistics and the train step decides what happens to their updates.
-    """
-    previous = []
-    for layer, mode in plan.bn_modes:
-        previous.append((layer, layer.trainable))
-        layer.trainable = mode != "inference"
-    return previous
-
-
-def warn_about_repeated_calls(paths: list[str]) -> list[str]:
-    """Warns (at trace time) about BN layers called more than once in a step.
-
-    Each call records and applies one update, so a layer shared by two towers
-    or a siamese pair moves its statistics twice per step: its effective
-    momentum is `momentum ** calls`. That is often intended, never obvious.
-
-    Returns:
-        The repeated layer paths.
-    """
-    repeated = sorted({path for path in paths if paths.count(path) > 1})
-    if repeated:
-        logging.warning(
-            "BN layer(s) %s are called more than once per training step: each call "
-            "applies one moving-statistics update, in order, so their statistics decay "
-            "as momentum**calls per step. Use separate layers if that is not intended.",
-            repeated,
-        )
-    return repeated
-
-
-def make_train_step(
-    model, optimizer, plan: update_plan.UpdatePlan, global_step, skipped_steps, strategy=None
-):
-    """Builds the `tf.function` train step for `plan` (call `configure_bn_modes` first).
-
-    The same step runs under every strategy; the default strategy is the
-    one-replica case. Each replica opens its own `deferred_updates()`
-    collector (collectors are per thread, and `MirroredStrategy` runs
-    replicas in threads), scales its loss by the global batch size, and
-    checks its loss and gradients. The verdict is all-reduced, so every
-    replica takes the same branch. Because `tf.distribute` forbids
-    cross-replica synchronisation inside a replica's `tf.cond`, the branch is
-    taken in the cross-replica context (`merge_call`), where each replica
-    then applies the all-reduced gradients (`optimizer.apply` sums them) and
-    its pending BN updates. tfbn moving statistics are MEAN-aggregated
-    mirrored variables, so the update leaves every replica with the same
-    statistics (the global-batch ones under `--sync_bn`, else the mean of
-    the local ones); stock Keras BN statistics (aggregation NONE) are averaged
-    explicitly to the same effect.
+def describe_sets(plan: UpdatePlan, restore_selected=None, restore_source=None) -> str:
+    """The restore / update / freeze / BN sets as text (what a dry run prints).
 
     Args:
-        model: The model; it must map images to logits. Create it, and its
-            optimizer and the step variables, under `strategy.scope()`.
-        optimizer: A built optimizer for `plan.update_variables`.
         plan: The update plan.
-        global_step: int64 variable incremented by every step.
-        skipped_steps: int64 variable incremented by every skipped step.
-        strategy: The `tf.distribute.Strategy`; None means the current one
-            (the default strategy outside any scope).
+        restore_selected: Variable paths a partial restore would assign, if any.
+        restore_source: The checkpoint prefix they come from.
 
     Returns:
-        `step(images, labels) -> {"loss", "accuracy", "applied"}`: the global
-        batch's mean loss and accuracy, and whether the step was applied.
-        Under a strategy with several replicas, pass per-replica values
-        (`distribution.distribute_batch`); otherwise plain batches.
+        The text, one item a line.
     """
-    if strategy is None:
-        strategy = tf.distribute.get_strategy()
-    update_variables = list(plan.update_variables)
-    mode_by_layer = {id(layer): mode for layer, mode in plan.bn_modes}
-    stock_layers = [
-        (layer, mode)
-        for layer, mode in plan.bn_modes
-        if not isinstance(layer, BatchNormalization) and mode != "inference"
-    ]
-
-    def apply_in_replica(grads, updates):
-        optimizer.apply(grads, update_variables)
-        # Path-level selection of the pending updates to run (exact paths).
-        apply_paths = sorted(
-            {u.path for u in updates.pending if mode_by_layer.get(id(u.layer)) in _UPDATING_MODES}
-        )
-        if apply_paths:
-            updates.apply(include=[re.escape(path) + "$" for path in apply_paths])
-
-    def apply_or_skip(cross_replica_strategy, finite, grads, updates):
-        # Cross-replica context: every replica reported the same verdict.
-        finite = cross_replica_strategy.experimental_local_results(finite)[0]
-
-        def apply_all():
-            cross_replica_strategy.extended.call_for_each_replica(
-                apply_in_replica, args=(grads, updates)
-            )
-            return tf.constant(True)
-
-        return tf.cond(finite, apply_all, lambda: tf.constant(False))
-
-    def replica_step(images, labels):
-        context = tf.distribute.get_replica_context()
-        replicas = context.num_replicas_in_sync
-        local_count = tf.cast(tf.shape(labels)[0], tf.float32)
-        global_count = context.all_reduce(tf.distribute.ReduceOp.SUM, local_count)
-        stock_before = [
-            (
-                layer,
-                mode,
-                tf.identity(layer.moving_mean.value),
-                tf.identity(layer.moving_variance.value),
-            )
-            for layer, mode in stock_layers
-        ]
-        with deferred_updates() as updates:
-            with tf.GradientTape(watch_accessed_variables=False) as tape:
-                tape.watch([variable.value for variable in update_variables])
-                logits = tf.cast(model(images, training=True), tf.float32)
-                losses = keras.losses.sparse_categorical_crossentropy(
-                    labels, logits, from_logits=True
-                )
-                # Summed over the replicas (optimizer.apply all-reduces the
-                # gradients), this is the global batch's mean loss.
-                loss = tf.reduce_sum(losses) / global_count
-                if model.losses:
-                    loss = (
-                        loss + tf.add_n([tf.cast(l, tf.float32) for l in model.losses]) / replicas
-                    )
-            warn_about_repeated_calls(updates.paths)
-            grads = tape.gradient(loss, [variable.value for variable in update_variables])
-            grads = [
-                tf.zeros_like(v.value) if g is None else g for g, v in zip(grads, update_variables)
-            ]
-            local_finite = tf.reduce_all(
-                [tf.reduce_all(tf.math.is_finite(loss))]
-                + [tf.reduce_all(tf.math.is_finite(g)) for g in grads]
-            )
-            non_finite = context.all_reduce(
-                tf.distribute.ReduceOp.SUM, tf.cast(tf.logical_not(local_finite), tf.float32)
-            )
-            # Each replica's collector travels to its own replica in the branch.
-            applied = context.merge_call(
-                apply_or_skip, args=(tf.equal(non_finite, 0.0), grads, updates)
-            )
-            updates.discard()
-        for layer, mode, mean, variance in stock_before:
-            keep = applied if mode in _UPDATING_MODES else tf.constant(False)
-            for variable, before in ((layer.moving_mean, mean), (layer.moving_variance, variance)):
-                value = tf.where(keep, variable.value, before)
-                if replicas > 1:
-                    # Stock statistics are per replica (aggregation NONE):
-                    # average them so every replica holds the same values.
-                    value = context.all_reduce(tf.distribute.ReduceOp.MEAN, value)
-                variable.assign(value)
-        correct = tf.reduce_sum(
-            tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32)
-        )
-        total_loss, total_correct = context.all_reduce(tf.distribute.ReduceOp.SUM, [loss, correct])
-        return {"loss": total_loss, "accuracy": total_correct / global_count, "applied": applied}
-
-    @tf.function
-    def step(images, labels):
-        outputs = strategy.run(replica_step, args=(images, labels))
-        # Every replica returns the same global values.
-        outputs = {
-            name: strategy.experimental_local_results(value)[0] for name, value in outputs.items()
-        }
-        global_step.assign_add(1)
-        skipped_steps.assign_add(tf.cast(tf.logical_not(outputs["applied"]), tf.int64))
-        return outputs
-
-    return step
-
-
-def make_eval_step(model):
-    """`tf.function` returning (sum of losses, number correct, count) of a batch in inference mode."""
-
-    @tf.function
-    def step(images, labels):
-        logits = tf.cast(model(images, training=False), tf.float32)
-        losses = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
-        correct = tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels)
-        return (
-            tf.reduce_sum(losses),
-            tf.reduce_sum(tf.cast(correct, tf.float32)),
-            tf.cast(tf.size(labels), tf.float32),
-        )
-
-    return step
-
-
-def evaluate(eval_step, dataset) -> dict:
-    """Mean loss and accuracy of `dataset` in inference mode."""
-    total_loss = total_correct = total = 0.0
-    for images, labels in dataset:
-        loss, correct, count = eval_step(images, labels)
-        total_loss += float(loss)
-        total_correct += float(correct)
-        total += float(count)
-    return {"loss": total_loss / max(total, 1.0), "accuracy": total_correct / max(total, 1.0)}
-
-
-def describe_sets(plan, restore_selected=None, restore_source=None) -> str:
-    """The restore / update / freeze / BN sets as text (what `--dry_run` prints)."""
     lines = []
     if restore_selected is not None:
         lines.append(f"Restore set ({len(restore_selected)} variables from {restore_source}):")
@@ -320,19 +78,18 @@ def describe_sets(plan, restore_selected=None, restore_source=None) -> str:
     lines += [f"  {v.path}" for v in plan.frozen_variables]
     lines.append(f"BN layers ({len(plan.bn_modes)}):")
     lines += [
-        f"  {layer.path}: {'in update set' if mode == update_plan.MODE_TRAIN else 'frozen'}, mode={mode}"
+        f"  {layer.path}: {'in update set' if mode is BNMode.TRAIN else 'frozen'}, mode={mode}"
         for layer, mode in plan.bn_modes
     ]
     return "\n".join(lines)
 
 
-def _say(config: TrainConfig, text: str) -> None:
-    if config.verbose:
-        print(text, flush=True)
+class Trainer:
+    """One training (or fine-tune) run described by a `TrainConfig`.
 
-
-def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> TrainResult:
-    """Runs (or resumes) one training run described by `config`.
+    Typical use: `Trainer(config).run()`, or step by step:
+    `trainer.initialize()`, `trainer.train()`, `trainer.evaluate()`,
+    `trainer.write_report()`, `trainer.export()`.
 
     Args:
         config: The validated configuration.
@@ -341,6 +98,321 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -
             `config.num_cpu_devices` logical devices). Pass one to share a
             strategy between runs in one process (TensorFlow caches
             collective state per process).
+
+    Attributes:
+        config: The configuration.
+        strategy: The `tf.distribute.Strategy`.
+        outputs: `ChiefOutputs` on the chief, `WorkerOutputs` elsewhere.
+        reporter: The console channel (`outputs.reporter`).
+        model, plan, optimizer, step, checkpoint, manager: Built by
+            `initialize` (`step` is a `train_step.TrainStep` holding the
+            global and skipped step counters).
+        result: The `TrainResult` being filled.
+
+    Raises:
+        ValueError: If the batch does not split evenly over the replicas.
+    """
+
+    def __init__(self, config: TrainConfig, strategy: tf.distribute.Strategy | None = None):
+        if strategy is None:
+            distribution.configure_logical_cpus(config.num_cpu_devices)
+            strategy = distribution.make_strategy(config.strategy)
+        distribution.replica_batch_size(config.batch_size, strategy)
+        self.config = config
+        self.strategy = strategy
+        role = distribution.worker_role(strategy)
+        # The one chief / worker decision of the run.
+        self.outputs = (
+            ChiefOutputs(config)
+            if role.is_chief
+            else WorkerOutputs(role.checkpoint_dir(config.model_dir))
+        )
+        self.reporter: Reporter = self.outputs.reporter
+        self.train_split = None
+        self.eval_split = None
+        self.model = None
+        self.plan = None
+        self.optimizer = None
+        self.step = None
+        self.checkpoint = None
+        self.manager = None
+        self.result = None
+        self._baseline = None
+
+    # --------------------------------------------------------------- setup
+
+    def initialize(self) -> None:
+        """Loads the data and builds the model, plan, optimizer, step and checkpoint.
+
+        Writes nothing and restores nothing (see `train`).
+
+        Raises:
+            ValueError: For unusable data, an unknown model, or update
+                patterns that match nothing.
+        """
+        config = self.config
+        keras.utils.set_random_seed(config.seed)
+        tf.config.experimental.enable_op_determinism()
+        self.train_split = data_lib.load_split(
+            config.dataset, config.train_split, config.image_size, config.data_dir
+        )
+        eval_name = data_lib.resolve_eval_split(config.dataset, config.eval_split, config.data_dir)
+        self.eval_split = data_lib.load_split(
+            config.dataset, eval_name, config.image_size, config.data_dir
+        )
+        with self.strategy.scope():
+            self.model = models_lib.build_model(
+                config.model,
+                self.train_split.num_classes,
+                self.train_split.images.shape[1:],
+                bn_momentum=config.bn_momentum,
+                bn_epsilon=config.bn_epsilon,
+            )
+            if config.sync_bn:
+                distribution.synchronize_batch_norm(self.model)
+            self.plan = plan_update(
+                self.model,
+                config.update_part,
+                config.freeze_part,
+                config.freeze_batchnorm,
+                config.frozen_bn_mode,
+            )
+            self.optimizer = optimizers.make_optimizer(config, self.plan.update_variables)
+        self.step = train_step.build_train_step(
+            self.model, self.optimizer, self.plan, self.strategy
+        )
+        self._eval_step = train_step.build_eval_step(self.model)
+        self.checkpoint = checkpoint_lib.make_checkpoint(
+            self.model, self.optimizer, self.step.global_step, self.step.skipped_steps
+        )
+        # Every worker resumes from the chief's checkpoints (this manager);
+        # each saves through its outputs (`save_checkpoint`).
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint, config.model_dir, max_to_keep=config.max_to_keep
+        )
+        self.result = TrainResult(self.model, self.plan, 0, 0)
+
+    def describe(self) -> str:
+        """The restore, update, frozen and BN sets of this run, as text.
+
+        Returns:
+            What `describe_sets` prints, including the restore set when
+            `init_checkpoint` is set.
+
+        Raises:
+            ValueError: If a restore pattern matches nothing or a selected
+                variable is missing from the checkpoint.
+        """
+        selected = source = None
+        if self.config.init_checkpoint:
+            source = checkpoint_lib.resolve_checkpoint_path(self.config.init_checkpoint)
+            selected = checkpoint_lib.plan_restore(
+                [v.path for v in self.model.variables],
+                checkpoint_lib.read_model_variables(source),
+                self.config.restore_part,
+                self.config.restore_exclude,
+            )
+        return describe_sets(self.plan, selected, source)
+
+    def _restore(self) -> None:
+        """Resumes from `model_dir`, else restores `init_checkpoint` partially."""
+        config, result = self.config, self.result
+        result.resumed_from = checkpoint_lib.resume(self.checkpoint, self.manager)
+        if result.resumed_from:
+            self.reporter.say(
+                f"Resumed from {result.resumed_from} at step {int(self.step.global_step.numpy())}."
+            )
+        elif config.init_checkpoint:
+            result.restore_report = checkpoint_lib.restore_partial(
+                self.model, config.init_checkpoint, config.restore_part, config.restore_exclude
+            )
+            self.reporter.say(result.restore_report.summary())
+        bn_layers = [layer for layer, _ in self.plan.bn_modes]
+        self._baseline = self.outputs.baseline(bn_layers, resumed=bool(result.resumed_from))
+
+    # ------------------------------------------------------------ training
+
+    def train(self) -> TrainResult:
+        """Resumes or restores, then trains up to `train_steps` and evaluates.
+
+        Calls `initialize` first when it has not run yet. The BN layers run
+        in their plan's modes during each step only (`train_step.bn_modes`).
+
+        Returns:
+            The `TrainResult` so far (`bn_rows` is filled by `write_report`).
+
+        Raises:
+            ValueError: If the checkpoint to resume does not match this run,
+                or the partial restore does not fit the model.
+        """
+        if self.model is None:
+            self.initialize()
+        tf.io.gfile.makedirs(self.config.model_dir)
+        self.outputs.write_flags()
+        self._restore()
+        plan, strategy = self.plan, self.strategy
+        self.reporter.say(
+            f"Training {len(plan.update_variables)} variables under "
+            f"{patterns.known_prefixes([v.path for v in plan.update_variables], depth=1)}; "
+            "BN modes: "
+            + ", ".join(f"{layer.path}={mode}" for layer, mode in plan.bn_modes)
+            + f"; {strategy.num_replicas_in_sync} replica(s) in sync"
+            + (", synchronized BN" if self.config.sync_bn else "")
+        )
+        logger = self.outputs.logger()
+        try:
+            self._run_steps(logger)
+            step = int(self.step.global_step.numpy())
+            if self.outputs.evaluates:
+                self.result.eval_metrics = self.evaluate()
+                self._log_eval(logger, step, self.result.eval_metrics)
+            logger.bn_histograms(step, [layer for layer, _ in plan.bn_modes])
+        finally:
+            logger.close()
+        self.result.global_step = int(self.step.global_step.numpy())
+        self.result.skipped_steps = int(self.step.skipped_steps.numpy())
+        return self.result
+
+    def _run_steps(self, logger) -> None:
+        """The step loop: train, log, evaluate along the way, checkpoint."""
+        config, step_counter = self.config, self.step.global_step
+        start = int(step_counter.numpy())
+        batches = data_lib.train_batches(
+            self.train_split, config.batch_size, config.seed, start, config.train_steps
+        )
+        self.reporter.start_progress(config.train_steps)
+        window = _MetricsWindow()
+        last_saved = None
+        for images, labels in batches:
+            outputs = self.step(*distribution.distribute_batch(self.strategy, images, labels))
+            step = int(step_counter.numpy())
+            if bool(outputs["applied"]):
+                window.add(float(outputs["loss"]), float(outputs["accuracy"]))
+            else:
+                window.add(None, None)
+                self.reporter.say(
+                    f"step {step}: non-finite loss or gradients; step skipped (no gradients, "
+                    f"no BN updates); skipped so far: {int(self.step.skipped_steps.numpy())}."
+                )
+            if step % config.summary_interval == 0 or step == config.train_steps:
+                metrics = window.flush()
+                metrics["learning_rate"] = float(
+                    keras.ops.convert_to_numpy(self.optimizer.learning_rate)
+                )
+                metrics["skipped_steps"] = float(self.step.skipped_steps.numpy())
+                logger.scalars("train", step, metrics)
+                logger.bn_histograms(step, [layer for layer, _ in self.plan.bn_modes])
+                self.reporter.progress(step, metrics)
+            periodic_eval = config.eval_interval and step % config.eval_interval == 0
+            if self.outputs.evaluates and periodic_eval and step != config.train_steps:
+                self._log_eval(logger, step, self.evaluate())
+            if step % config.checkpoint_interval == 0:
+                self._save(step)
+                last_saved = step
+        step = int(step_counter.numpy())
+        resumed = self.result.resumed_from
+        resumed_at_end = resumed is not None and resumed.endswith(f"-{step}")
+        if last_saved != step and not resumed_at_end:
+            self._save(step)
+
+    def _save(self, step: int) -> None:
+        self.outputs.save_checkpoint(self.manager, step)
+
+    def _log_eval(self, logger, step: int, metrics: dict) -> None:
+        logger.scalars("eval", step, metrics)
+        self.reporter.eval_line(step, metrics)
+
+    # ------------------------------------------------------- finishing up
+
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss and accuracy on the eval split, in inference mode.
+
+        Returns:
+            `{"loss": ..., "accuracy": ...}`.
+        """
+        dataset = data_lib.eval_batches(
+            self.eval_split, self.config.batch_size, self.config.eval_batches
+        )
+        return train_step.evaluate(self._eval_step, dataset)
+
+    def write_report(self) -> list[dict] | None:
+        """Writes `bn_report.json` and prints the BN report (chief only).
+
+        Returns:
+            The BN report rows; None on a non-chief worker, which writes
+            no report.
+        """
+        self.result.bn_rows = self.outputs.write_report(self.plan, self._baseline)
+        return self.result.bn_rows
+
+    def export(self) -> str | None:
+        """Exports `model.keras` and a SavedModel when `config.export` is set (chief only).
+
+        Returns:
+            The export directory, or None when nothing was exported.
+        """
+        return self.outputs.export(self.model)
+
+    def run(self) -> TrainResult:
+        """Initializes, then either prints the sets (`dry_run`) or trains, reports, exports.
+
+        Returns:
+            The `TrainResult`. On a non-chief worker `bn_rows` is None.
+        """
+        self.initialize()
+        if self.config.dry_run:
+            self.reporter.always(self.describe())
+            return self.result
+        self.train()
+        self.write_report()
+        self.export()
+        return self.result
+
+
+class _MetricsWindow:
+    """Loss and accuracy of the applied steps since the last log, and the step rate."""
+
+    def __init__(self):
+        self._reset()
+
+    def _reset(self):
+        self.losses, self.accuracies, self.steps = [], [], 0
+        self.start = time.perf_counter()
+
+    def add(self, loss: float | None, accuracy: float | None) -> None:
+        """Counts one step; None values (a skipped step) only count the step.
+
+        Args:
+            loss: The step's loss, or None.
+            accuracy: The step's accuracy, or None.
+        """
+        self.steps += 1
+        if loss is not None:
+            self.losses.append(loss)
+            self.accuracies.append(accuracy)
+
+    def flush(self) -> dict[str, float]:
+        """The window's mean loss and accuracy and its steps/sec; starts a new window.
+
+        Returns:
+            `{"loss", "accuracy", "steps_per_sec"}`; NaN means without an applied step.
+        """
+        elapsed = time.perf_counter() - self.start
+        metrics = {
+            "loss": float(np.mean(self.losses)) if self.losses else float("nan"),
+            "accuracy": float(np.mean(self.accuracies)) if self.accuracies else float("nan"),
+            "steps_per_sec": self.steps / max(elapsed, 1e-9),
+        }
+        self._reset()
+        return metrics
+
+
+def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> TrainResult:
+    """Runs (or resumes) one training run described by `config`.
+
+    Args:
+        config: The validated configuration.
+        strategy: See `Trainer`.
 
     Returns:
         The `TrainResult`. On a non-chief worker `bn_rows` is None: only the
@@ -351,266 +423,4 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -
             fit, a batch that does not split over the replicas, and unusable
             data.
     """
-    if strategy is None:
-        distribution.configure_logical_cpus(config.num_cpu_devices)
-        strategy = distribution.make_strategy(config.strategy)
-    role = distribution.worker_role(strategy)
-    if not role.is_chief:
-        config = dataclasses.replace(config, verbose=0)
-    distribution.replica_batch_size(config.batch_size, strategy)
-    keras.utils.set_random_seed(config.seed)
-    tf.config.experimental.enable_op_determinism()
-    train_split = data_lib.load_split(
-        config.dataset, config.train_split, config.image_size, config.data_dir
-    )
-    eval_name = data_lib.resolve_eval_split(config.dataset, config.eval_split, config.data_dir)
-    eval_split = data_lib.load_split(config.dataset, eval_name, config.image_size, config.data_dir)
-    with strategy.scope():
-        model = models_lib.build_model(
-            config.model,
-            train_split.num_classes,
-            train_split.images.shape[1:],
-            bn_momentum=config.bn_momentum,
-            bn_epsilon=config.bn_epsilon,
-        )
-        if config.sync_bn:
-            distribution.synchronize_batch_norm(model)
-        plan = update_plan.plan_update(
-            model,
-            config.update_part,
-            config.freeze_part,
-            config.freeze_batchnorm,
-            config.frozen_bn_mode,
-        )
-        optimizer = make_optimizer(config, plan.update_variables)
-        global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
-        skipped_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps")
-    ckpt = checkpoint_lib.make_checkpoint(model, optimizer, global_step, skipped_steps)
-    # Every worker resumes from the chief's checkpoints; each saves through
-    # its own manager (see `WorkerRole.checkpoint_dir`).
-    manager = tf.train.CheckpointManager(ckpt, config.model_dir, max_to_keep=config.max_to_keep)
-
-    if config.dry_run:
-        selected = source = None
-        if config.init_checkpoint:
-            source = checkpoint_lib.resolve_checkpoint_path(config.init_checkpoint)
-            selected = checkpoint_lib.plan_restore(
-                [v.path for v in model.variables],
-                checkpoint_lib.read_model_variables(source),
-                config.restore_part,
-                config.restore_exclude,
-            )
-        print(describe_sets(plan, selected, source), flush=True)
-        return TrainResult(model, plan, int(global_step.numpy()), int(skipped_steps.numpy()))
-
-    tf.io.gfile.makedirs(config.model_dir)
-    if role.is_chief:
-        with open(os.path.join(config.model_dir, "flags.txt"), "w") as stream:
-            stream.write(config.to_flagfile())
-    result = TrainResult(model, plan, 0, 0)
-    result.resumed_from = checkpoint_lib.resume(ckpt, manager)
-    bn_layers = [layer for layer, _ in plan.bn_modes]
-    baseline_path = os.path.join(config.model_dir, BASELINE_FILE)
-    if result.resumed_from:
-        _say(config, f"Resumed from {result.resumed_from} at step {int(global_step.numpy())}.")
-    elif config.init_checkpoint:
-        result.restore_report = checkpoint_lib.restore_partial(
-            model, config.init_checkpoint, config.restore_part, config.restore_exclude
-        )
-        _say(config, result.restore_report.summary())
-    if not role.is_chief:
-        baseline = None
-    elif result.resumed_from and os.path.exists(baseline_path):
-        baseline = report_lib.load_snapshot(baseline_path)
-    else:
-        baseline = report_lib.snapshot(bn_layers)
-        report_lib.save_snapshot(baseline_path, baseline)
-    saver = manager
-    if not role.is_chief:
-        saver = tf.train.CheckpointManager(
-            ckpt, role.checkpoint_dir(config.model_dir), max_to_keep=1
-        )
-
-    previous_trainable = configure_bn_modes(plan)
-    _say(
-        config,
-        f"Training {len(plan.update_variables)} variables under "
-        f"{update_plan.known_prefixes([v.path for v in plan.update_variables], depth=1)}; "
-        "BN modes: "
-        + ", ".join(f"{layer.path}={mode}" for layer, mode in plan.bn_modes)
-        + f"; {strategy.num_replicas_in_sync} replica(s) in sync"
-        + (", synchronized BN" if config.sync_bn else ""),
-    )
-    try:
-        _run_loop(
-            config,
-            strategy,
-            role,
-            model,
-            plan,
-            optimizer,
-            global_step,
-            skipped_steps,
-            saver,
-            train_split,
-            eval_split,
-            result,
-        )
-    finally:
-        for layer, trainable in previous_trainable:
-            layer.trainable = trainable
-    if not role.is_chief:
-        return result
-
-    result.bn_rows = report_lib.bn_report(plan, baseline)
-    report_lib.write_report(os.path.join(config.model_dir, "bn_report.json"), result.bn_rows)
-    violations = report_lib.frozen_stats_violations(result.bn_rows)
-    _say(
-        config, "BN report (changes since the restore):\n" + report_lib.format_table(result.bn_rows)
-    )
-    _say(
-        config,
-        "Frozen BN statistics bit-identical: "
-        + ("yes" if not violations else f"NO, changed: {violations}"),
-    )
-    if config.export:
-        export_dir = config.resolved_export_dir()
-        tf.io.gfile.makedirs(export_dir)
-        model.save(os.path.join(export_dir, "model.keras"))
-        model.export(os.path.join(export_dir, "saved_model"), verbose=False)
-        _say(config, f"Exported {export_dir}/model.keras and {export_dir}/saved_model.")
-    return result
-
-
-class _NoLogger:
-    """Stands in for `summaries.RunLogger` on non-chief workers, which log nothing."""
-
-    def scalars(self, split, step, metrics):
-        del split, step, metrics
-
-    def bn_histograms(self, step, bn_layers):
-        del step, bn_layers
-
-    def close(self):
-        pass
-
-
-def _save(saver, role, step):
-    """Saves a checkpoint; a non-chief worker deletes its throw-away copy."""
-    saver.save(checkpoint_number=step)
-    if not role.is_chief:
-        tf.io.gfile.rmtree(saver.directory)
-
-
-def _run_loop(
-    config,
-    strategy,
-    role,
-    model,
-    plan,
-    optimizer,
-    global_step,
-    skipped_steps,
-    saver,
-    train_split,
-    eval_split,
-    result,
-):
-    """The step loop: train, log, evaluate (chief), checkpoint (every worker)."""
-    train_step = make_train_step(model, optimizer, plan, global_step, skipped_steps, strategy)
-    eval_step = make_eval_step(model)
-    eval_data = data_lib.eval_batches(eval_split, config.batch_size, config.eval_batches)
-    logger = summaries.RunLogger(config.model_dir) if role.is_chief else _NoLogger()
-    bn_layers = [layer for layer, _ in plan.bn_modes]
-    start = int(global_step.numpy())
-    batches = data_lib.train_batches(
-        train_split, config.batch_size, config.seed, start, config.train_steps
-    )
-    progbar = (
-        keras.utils.Progbar(config.train_steps, stateful_metrics=["loss", "accuracy", "steps/sec"])
-        if config.verbose == 1
-        else None
-    )
-    window_loss, window_accuracy, window_start, window_steps = [], [], time.perf_counter(), 0
-    last_saved = None
-    try:
-        for images, labels in batches:
-            outputs = train_step(*distribution.distribute_batch(strategy, images, labels))
-            step = int(global_step.numpy())
-            window_steps += 1
-            if bool(outputs["applied"]):
-                window_loss.append(float(outputs["loss"]))
-                window_accuracy.append(float(outputs["accuracy"]))
-            else:
-                _say(
-                    config,
-                    f"step {step}: non-finite loss or gradients; step skipped "
-                    f"(no gradients, no BN updates); skipped so far: {int(skipped_steps.numpy())}.",
-                )
-            if step % config.summary_interval == 0 or step == config.train_steps:
-                elapsed = time.perf_counter() - window_start
-                metrics = {
-                    "loss": float(np.mean(window_loss)) if window_loss else float("nan"),
-                    "accuracy": float(np.mean(window_accuracy))
-                    if window_accuracy
-                    else float("nan"),
-                    "steps_per_sec": window_steps / max(elapsed, 1e-9),
-                    "learning_rate": float(keras.ops.convert_to_numpy(optimizer.learning_rate)),
-                    "skipped_steps": float(skipped_steps.numpy()),
-                }
-                logger.scalars("train", step, metrics)
-                logger.bn_histograms(step, bn_layers)
-                if progbar is not None:
-                    progbar.update(
-                        step,
-                        [
-                            ("loss", metrics["loss"]),
-                            ("accuracy", metrics["accuracy"]),
-                            ("steps/sec", metrics["steps_per_sec"]),
-                        ],
-                    )
-                elif config.verbose == 2:
-                    print(
-                        f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
-                        flush=True,
-                    )
-                window_loss, window_accuracy, window_start, window_steps = (
-                    [],
-                    [],
-                    time.perf_counter(),
-                    0,
-                )
-            evaluate_now = (
-                config.eval_interval
-                and step % config.eval_interval == 0
-                and step != config.train_steps
-            )
-            if role.is_chief and evaluate_now:
-                _log_eval(config, logger, step, evaluate(eval_step, eval_data))
-            if step % config.checkpoint_interval == 0:
-                _save(saver, role, step)
-                last_saved = step
-        step = int(global_step.numpy())
-        resumed_at_end = result.resumed_from is not None and result.resumed_from.endswith(
-            f"-{step}"
-        )
-        if last_saved != step and not resumed_at_end:
-            _save(saver, role, step)
-        if role.is_chief:
-            result.eval_metrics = evaluate(eval_step, eval_data)
-            _log_eval(config, logger, step, result.eval_metrics)
-            logger.bn_histograms(step, bn_layers)
-    finally:
-        logger.close()
-    result.global_step = int(global_step.numpy())
-    result.skipped_steps = int(skipped_steps.numpy())
-
-
-def _log_eval(config, logger, step, metrics):
-    logger.scalars("eval", step, metrics)
-    # After a progress bar, start a new line.
-    newline = "\n" if config.verbose == 1 else ""
-    _say(
-        config,
-        f"{newline}eval step {step}: loss={metrics['loss']:.4f} accuracy={metrics['accuracy']:.4f}",
-    )
+    return Trainer(config, strategy).run()

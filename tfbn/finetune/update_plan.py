@@ -1,76 +1,82 @@
-"""Scope patterns: which variables train, which BN layers update, and how.
+"""The update plan: which variables train, and the mode of every BN layer.
 
-Patterns are regexes `re.match`-ed against Keras variable paths
-(`backbone/conv1/kernel`), TF1's scope-prefix semantics. Every pattern must
-match at least one path: a typo is an error that lists the known prefixes,
-never a silent no-op that freezes or trains the wrong part.
+`plan_update` splits a built model into the update set (variables that
+receive gradients) and the frozen rest, using the scope patterns of
+`tfbn.finetune.patterns`, and gives every BN layer a `BNMode`. The train
+step (`tfbn.finetune.train_step`) carries the plan out.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
-from collections.abc import Sequence
+import enum
+from collections.abc import Iterable, Sequence
 
 import keras
 
+from tfbn.finetune import patterns
 from tfbn.layers import introspection
 
-# The BN layer types the trainer knows how to freeze and update.
 
-MODE_TRAIN = "train"
+class BNMode(str, enum.Enum):
+    """What a BN layer does during a train step.
 
+    The values are the strings of the `frozen_bn_mode` config field (and
+    flag), plus `"train"` for layers in the update set.
 
-def known_prefixes(paths: Sequence[str], depth: int = 2) -> list[str]:
-    """The distinct path prefixes up to `depth` components, for error messages."""
-    prefixes = set()
-    for path in paths:
-        parts = path.split("/")
-        for size in range(1, min(depth, len(parts) - 1) + 1):
-            prefixes.add("/".join(parts[:size]) + "/")
-    return sorted(prefixes) or sorted(paths)
-
-
-def matching(paths: Sequence[str], patterns: Sequence[str], flag_name: str) -> list[str]:
-    """The paths that `re.match` at least one pattern, in their original order.
-
-    Args:
-        paths: Candidate paths.
-        patterns: Regexes; each must match at least one path.
-        flag_name: The flag the patterns came from, named in errors.
-
-    Returns:
-        The matching paths.
-
-    Raises:
-        ValueError: If a pattern matches no path; the message lists the known
-            prefixes so the typo is easy to fix.
+    Attributes:
+        TRAIN: In the update set: batch statistics, gradients for gamma and
+            beta, moving statistics updated.
+        INFERENCE: Moving statistics, no update; the statistics stay
+            bit-identical (the layer runs with `trainable=False`).
+        BATCH: Batch statistics, update discarded (TF1 with scope-filtered
+            UPDATE_OPS); the statistics stay bit-identical.
+        ADAPT: Batch statistics and update applied (TF1's global UPDATE_OPS,
+            AdaBN).
     """
-    for pattern in patterns:
-        if not any(re.match(pattern, path) for path in paths):
-            raise ValueError(
-                f"--{flag_name} pattern {pattern!r} matches no variable. Patterns are "
-                "re.match-ed against the start of Keras variable paths; known "
-                f"prefixes: {known_prefixes(paths)}. Fix the pattern or drop it."
-            )
-    return [path for path in paths if any(re.match(p, path) for p in patterns)]
+
+    TRAIN = "train"
+    INFERENCE = "inference"
+    BATCH = "batch"
+    ADAPT = "adapt"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @property
+    def updates_statistics(self) -> bool:
+        """Whether a layer in this mode has its moving statistics updated.
+
+        Returns:
+            True for `TRAIN` and `ADAPT`.
+        """
+        return self in (BNMode.TRAIN, BNMode.ADAPT)
+
+    @property
+    def uses_batch_statistics(self) -> bool:
+        """Whether a layer in this mode normalizes with batch statistics.
+
+        Returns:
+            False for `INFERENCE` only.
+        """
+        return self is not BNMode.INFERENCE
 
 
-def select(
-    paths: Sequence[str],
-    include: Sequence[str],
-    exclude: Sequence[str],
-    include_flag: str,
-    exclude_flag: str,
-) -> list[str]:
-    """`include` (all paths when empty) minus `exclude`, both strictly matched."""
-    chosen = set(matching(paths, include, include_flag)) if include else set(paths)
-    dropped = set(matching(paths, exclude, exclude_flag))
-    return [path for path in paths if path in chosen and path not in dropped]
+FROZEN_BN_MODES = (BNMode.INFERENCE, BNMode.BATCH, BNMode.ADAPT)
 
 
 def batch_norm_layers(model: keras.Model) -> list[keras.layers.Layer]:
-    """Every built BN layer (tfbn or stock Keras) in `model`, nested ones included."""
+    """Every built BN layer (tfbn or stock Keras) in `model`, nested ones included.
+
+    Args:
+        model: A Keras model.
+
+    Returns:
+        The layers, in layer order.
+    """
     return [layer for layer in introspection.batch_norm_layers(model) if layer.built]
 
 
@@ -81,15 +87,35 @@ class UpdatePlan:
     Attributes:
         update_variables: Trainable variables that receive gradients.
         frozen_variables: Every model variable that must stay bit-identical:
-            all but the update set and the statistics of BN layers in
-            `"train"` or `"adapt"` mode.
-        bn_modes: `(layer, mode)` per BN layer, mode being `"train"` for
-            layers in the update set, else the `--frozen_bn_mode`.
+            all but the update set and the statistics of BN layers whose
+            mode updates them (`TRAIN`, `ADAPT`).
+        bn_modes: `(layer, BNMode)` per BN layer: `TRAIN` for layers in the
+            update set, else the frozen mode.
     """
 
     update_variables: tuple[object, ...]
     frozen_variables: tuple[object, ...]
-    bn_modes: tuple[tuple[object, str], ...]
+    bn_modes: tuple[tuple[object, BNMode], ...]
+
+    def layers_in(self, modes: Iterable[BNMode]) -> list[keras.layers.Layer]:
+        """The BN layers whose mode is one of `modes`, in layer order.
+
+        Args:
+            modes: The modes to select.
+
+        Returns:
+            The layer objects.
+        """
+        wanted = set(modes)
+        return [layer for layer, mode in self.bn_modes if mode in wanted]
+
+    def updating_layers(self) -> list[keras.layers.Layer]:
+        """The BN layers whose moving statistics a train step updates.
+
+        Returns:
+            The layers in `TRAIN` or `ADAPT` mode, in layer order.
+        """
+        return [layer for layer, mode in self.bn_modes if mode.updates_statistics]
 
 
 def plan_update(
@@ -97,12 +123,12 @@ def plan_update(
     update_part: Sequence[str] = (),
     freeze_part: Sequence[str] = (),
     freeze_batchnorm: bool = False,
-    frozen_bn_mode: str = "inference",
+    frozen_bn_mode: str | BNMode = BNMode.INFERENCE,
 ) -> UpdatePlan:
     """Splits `model` into the update set and the frozen rest.
 
     A BN layer is in the update set when its `moving_mean` is selected (so
-    `--update_part=head/` covers every BN under `head/`) and the layer is
+    `update_part=["head/"]` covers every BN under `head/`) and the layer is
     trainable; `freeze_batchnorm` takes every BN layer out. A BN layer the
     model already built with `trainable=False` stays in inference mode.
 
@@ -112,15 +138,18 @@ def plan_update(
         freeze_part: Regexes of variables to keep frozen (wins over
             `update_part`).
         freeze_batchnorm: Freeze every BN layer's gamma, beta and statistics.
-        frozen_bn_mode: `"inference"`, `"batch"` or `"adapt"`, the mode of BN
-            layers outside the update set.
+        frozen_bn_mode: `"inference"`, `"batch"` or `"adapt"` (or the
+            `BNMode`), the mode of BN layers outside the update set.
 
     Returns:
         The `UpdatePlan`.
 
     Raises:
-        ValueError: If a pattern matches nothing, or nothing is left to train.
+        ValueError: If a pattern matches nothing, `frozen_bn_mode` is not a
+            frozen mode, the model has no variables, or nothing is left to
+            train.
     """
+    frozen_mode = _frozen_mode(frozen_bn_mode)
     variables = list(model.variables)
     if not variables:
         raise ValueError(
@@ -128,7 +157,9 @@ def plan_update(
             "planning the update set."
         )
     by_path = {variable.path: variable for variable in variables}
-    selected = set(select(list(by_path), update_part, freeze_part, "update_part", "freeze_part"))
+    selected = set(
+        patterns.select(list(by_path), update_part, freeze_part, "update_part", "freeze_part")
+    )
     bn_layers = batch_norm_layers(model)
     if freeze_batchnorm:
         for layer in bn_layers:
@@ -137,27 +168,41 @@ def plan_update(
     for layer in bn_layers:
         if not layer.trainable:
             # Frozen by the model itself: Keras' rule, inference mode.
-            bn_modes.append((layer, "inference"))
+            bn_modes.append((layer, BNMode.INFERENCE))
         elif layer.moving_mean.path in selected:
-            bn_modes.append((layer, MODE_TRAIN))
+            bn_modes.append((layer, BNMode.TRAIN))
         else:
-            bn_modes.append((layer, frozen_bn_mode))
+            bn_modes.append((layer, frozen_mode))
     update_variables = tuple(
         variable for variable in model.trainable_variables if variable.path in selected
     )
     if not update_variables:
         raise ValueError(
-            "The update set is empty: --update_part / --freeze_part / "
-            f"--freeze_batchnorm leave no trainable variable (update_part="
+            "The update set is empty: `update_part` / `freeze_part` / "
+            f"`freeze_batchnorm` leave no trainable variable (update_part="
             f"{list(update_part)}, freeze_part={list(freeze_part)}). Known prefixes: "
-            f"{known_prefixes(list(by_path))}."
+            f"{patterns.known_prefixes(list(by_path))}."
         )
     moving = {
         id(variable)
         for layer, mode in bn_modes
-        if mode in (MODE_TRAIN, "adapt")
-        for variable in layer.non_trainable_variables
+        if mode.updates_statistics
+        for variable in introspection.statistic_variables(layer).values()
     }
     changing = moving | {id(variable) for variable in update_variables}
     frozen = tuple(variable for variable in variables if id(variable) not in changing)
     return UpdatePlan(update_variables, frozen, tuple(bn_modes))
+
+
+def _frozen_mode(value: str | BNMode) -> BNMode:
+    """`value` as a frozen `BNMode`; raises ValueError naming the choices."""
+    try:
+        mode = BNMode(value)
+    except ValueError:
+        mode = None
+    if mode not in FROZEN_BN_MODES:
+        raise ValueError(
+            f"`frozen_bn_mode` must be one of {[m.value for m in FROZEN_BN_MODES]}; "
+            f"received {value!r}."
+        )
+    return mode

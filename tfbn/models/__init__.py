@@ -1,15 +1,15 @@
-"""Model builders by name: `--model=tiny_darknet` or `--model=package.module:function`.
+"""Model builders by name: `"tiny_darknet"` or `"package.module:function"`.
 
 A builder takes `(num_classes, input_shape)` and returns a built Keras model
 whose variable paths name its parts (`backbone/...`, `head/...`), the
-prefixes that `--update_part` and `--restore_part` match.
+prefixes that the `update_part` and `restore_part` patterns match. The
+`model` config field (and `train.py --model`) takes these names.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import Dict, Optional
 
 import keras
 
@@ -30,6 +30,12 @@ REGISTRY: dict[str, ModelBuilder] = {
 def get_builder(name: str) -> ModelBuilder:
     """The builder registered as `name`, or loaded from `package.module:function`.
 
+    Args:
+        name: A registered name or a `package.module:function` spec.
+
+    Returns:
+        The builder, called as `builder(num_classes, input_shape)`.
+
     Raises:
         ValueError: For an unknown name or a spec that does not import.
     """
@@ -37,17 +43,17 @@ def get_builder(name: str) -> ModelBuilder:
         return REGISTRY[name]
     if ":" not in name:
         raise ValueError(
-            f"--model {name!r} is not registered; use one of {sorted(REGISTRY)} or "
+            f"`model` {name!r} is not registered; use one of {sorted(REGISTRY)} or "
             "'package.module:function'."
         )
     module_name, _, function_name = name.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise ValueError(f"--model {name!r}: cannot import {module_name!r} ({error}).") from None
+        raise ValueError(f"`model` {name!r}: cannot import {module_name!r} ({error}).") from None
     builder = getattr(module, function_name, None)
     if not callable(builder):
-        raise ValueError(f"--model {name!r}: {module_name} has no function {function_name!r}.")
+        raise ValueError(f"`model` {name!r}: {module_name} has no function {function_name!r}.")
     return builder
 
 
@@ -69,10 +75,14 @@ def build_model(
 
     Returns:
         The built model.
+
+    Raises:
+        ValueError: For an unknown name, a spec that does not import, or a
+            builder that does not return a `keras.Model`.
     """
     model = get_builder(name)(num_classes, tuple(input_shape))
     if not isinstance(model, keras.Model):
-        raise ValueError(f"--model {name!r} returned {type(model).__name__}, not a keras.Model.")
+        raise ValueError(f"`model` {name!r} returned {type(model).__name__}, not a keras.Model.")
     if not model.built:
         model(keras.ops.zeros((2,) + tuple(input_shape)), training=False)
     # tfbn and stock Keras BN both read these attributes at call time.

@@ -8,7 +8,11 @@ from tfbn.layers.batch_normalization import BatchNormalization
 
 
 def bn_mlp(
-    num_classes: int, input_shape=(32, 32, 3), widths=(64, 64), head_width=32
+    num_classes: int,
+    input_shape=(32, 32, 3),
+    widths=(64, 64),
+    head_width: int | None = 32,
+    bn_kwargs: dict | None = None,
 ) -> keras.Model:
     """Builds the model.
 
@@ -16,21 +20,26 @@ def bn_mlp(
         num_classes: Number of output logits.
         input_shape: Input shape without the batch axis (flattened).
         widths: Units of the backbone's Dense-BN-ReLU layers.
-        head_width: Units of the head's hidden Dense-BN-ReLU layer.
+        head_width: Units of the head's hidden Dense-BN-ReLU layer; None
+            puts the logits layer right after the backbone.
+        bn_kwargs: Extra arguments of every `tfbn.BatchNormalization`
+            (momentum, renorm, virtual_batch_size, ...).
 
     Returns:
         A functional `keras.Model` named `bn_mlp`.
     """
+    bn_kwargs = bn_kwargs or {}
     inputs = keras.Input(input_shape, name="inputs")
     x = keras.layers.Flatten(name="flatten")(inputs)
     with keras.name_scope("backbone"):
         for index, units in enumerate(widths, start=1):
             x = keras.layers.Dense(units, use_bias=False, name=f"dense{index}")(x)
-            x = BatchNormalization(name=f"bn{index}")(x)
+            x = BatchNormalization(name=f"bn{index}", **bn_kwargs)(x)
             x = keras.layers.ReLU(name=f"relu{index}")(x)
     with keras.name_scope("head"):
-        x = keras.layers.Dense(head_width, use_bias=False, name="fc")(x)
-        x = BatchNormalization(name="fc_bn")(x)
-        x = keras.layers.ReLU(name="fc_relu")(x)
+        if head_width is not None:
+            x = keras.layers.Dense(head_width, use_bias=False, name="fc")(x)
+            x = BatchNormalization(name="fc_bn", **bn_kwargs)(x)
+            x = keras.layers.ReLU(name="fc_relu")(x)
         logits = keras.layers.Dense(num_classes, name="logits")(x)
     return keras.Model(inputs, logits, name="bn_mlp")

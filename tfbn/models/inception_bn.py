@@ -1,4 +1,4 @@
-"""A small Inception-BN (GoogLeNet with BN, seed 004's network) for 32x32 inputs.
+"""A small Inception-BN (GoogLeNet with batch normalization) for 32x32 inputs.
 
 As in BN-Inception, every convolution is Conv-BN-ReLU and the 5x5 branch is
 two 3x3 convolutions. The stem and widths are shrunk for 32x32 images.
@@ -12,7 +12,18 @@ from tfbn.layers.batch_normalization import BatchNormalization
 
 
 def conv_bn_relu(x, filters: int, kernel_size: int, name: str, strides: int = 1):
-    """Conv (no bias) -> BN -> ReLU, seed 004's BasicConv2d."""
+    """Conv (no bias) -> BN -> ReLU, GoogLeNet-BN's basic convolution block.
+
+    Args:
+        x: Input tensor.
+        filters: Output channels.
+        kernel_size: Square kernel side.
+        name: Prefix of the block's layer names.
+        strides: Convolution strides.
+
+    Returns:
+        The block's output tensor.
+    """
     x = keras.layers.Conv2D(
         filters, kernel_size, strides=strides, padding="same", use_bias=False, name=f"{name}_conv"
     )(x)
@@ -27,6 +38,9 @@ def inception_block(x, widths, name: str):
         x: Input tensor.
         widths: `(b1, b2_reduce, b2, b3_reduce, b3, pool_proj)` filters.
         name: Block name, the prefix of its layers.
+
+    Returns:
+        The concatenated branches.
     """
     b1, b2_reduce, b2, b3_reduce, b3, pool_proj = widths
     branch1 = conv_bn_relu(x, b1, 1, f"{name}_b1")

@@ -1,7 +1,7 @@
 """A Tiny-Darknet style classifier: Conv-BN-LeakyReLU blocks, `backbone/` and `head/`.
 
 The two parts mirror Tiny-YOLO's `tiny_yolo/backbone` and `yolov3_head`
-scopes, so `--update_part=head/` is the classic "train only the head".
+scopes, so `update_part=["head/"]` is the classic "train only the head".
 """
 
 from __future__ import annotations
@@ -12,7 +12,17 @@ from tfbn.layers.batch_normalization import BatchNormalization
 
 
 def conv_bn_leaky(x, filters: int, kernel_size: int, name: str):
-    """Conv (no bias) -> BN -> LeakyReLU(0.1), the Darknet block."""
+    """Conv (no bias) -> BN -> LeakyReLU(0.1), the Darknet block.
+
+    Args:
+        x: Input tensor.
+        filters: Output channels.
+        kernel_size: Square kernel side.
+        name: Suffix of the block's layer names (`conv<name>`, `bn<name>`).
+
+    Returns:
+        The block's output tensor.
+    """
     x = keras.layers.Conv2D(
         filters, kernel_size, padding="same", use_bias=False, name=f"conv{name}"
     )(x)
