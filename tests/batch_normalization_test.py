@@ -579,6 +579,18 @@ def test_one_value_per_feature_in_training_outputs_beta_and_keeps_the_statistics
     _assert_unchanged(layer, before)
 
 
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_one_value_per_feature_in_a_traced_or_xla_function_matches_eager(jit_compile):
+    layer = tfbn.BatchNormalization(momentum=0.5)
+    layer.build((None, 4))
+    _randomize(layer)
+    before = layer.get_weights()
+    run = tf.function(lambda t: layer(t, training=True), jit_compile=jit_compile)
+    y = run(tf.constant(_normal((1, 4)))).numpy()
+    np.testing.assert_allclose(y, layer.beta.numpy()[None], atol=1e-6)
+    _assert_unchanged(layer, before)
+
+
 @pytest.mark.parametrize("run_eagerly", [True, False])
 def test_fit_on_a_last_batch_of_one_sample_behaves_the_same_eager_or_traced(run_eagerly):
     # 33 samples with batch_size=32: the last batch has one sample.
