@@ -371,7 +371,7 @@ class BatchNormalization(keras.layers.Layer):
                 f"{self._rank - 1}, Keras' convention); received mask shape {mask.shape} "
                 f"for inputs of shape {x.shape}."
             )
-        return tf.cast(tf.expand_dims(mask, -1), tf.float32)
+        return tf.expand_dims(tf.cast(mask, tf.bool), -1)
 
     # ---------------------------------------------------------- statistics
 

@@ -156,8 +156,8 @@ def normalize_features(
             moving statistics normalize a batch with no values.
         feature_axes: Sorted non-negative feature axes of `x`.
         epsilon: Added to the variance.
-        mask: Optional float weights shaped like `x` with size 1 on the
-            feature axes.
+        mask: Optional weights broadcastable against `x`: a bool mask, or
+            float weights (which may be any non-negative values).
         virtual_batch_size: Ghost-batch size, tf-keras' definition: `[N, ...]`
             is viewed as `[virtual_batch_size, N // virtual_batch_size, ...]`
             and axis 1 is kept, so ghost batch `j` holds samples `j, j + G, ...`.
@@ -178,6 +178,11 @@ def normalize_features(
     """
     param_shape = gamma.shape
     ghost = virtual_batch_size
+    # A boolean mask (Keras') counts its values in `count` already; only
+    # real-valued weights need the positive-weight count below.
+    binary_mask = mask is not None and mask.dtype == tf.bool
+    if binary_mask:
+        mask = tf.cast(mask, tf.float32)
     data = x
     offset = 0
     if ghost is not None:
@@ -238,7 +243,7 @@ def normalize_features(
         outputs = (normalized * adjust_scale + adjust_bias) * gamma + beta
     mean, variance = stats.mean, stats.variance
     count = tf.broadcast_to(stats.count, tf.shape(mean))
-    if mask is None:
+    if mask is None or binary_mask:
         values = count
     else:
         # Weights need not be 0 or 1 (TF1's batch_weights): what makes
