@@ -8,10 +8,20 @@ checkpoint that does not fit) ends the run with a usage message naming the
 flag, not a traceback.
 """
 
-from absl import app, flags, logging
+import os
+import sys
 
-from tfbn.finetune import distribution, trainer
-from tfbn.finetune import flags as tfbn_flags
+# tfbn's `_startup` holds back TensorFlow's C++ start-up lines (oneDNN and
+# CPU-feature notes, "failed call to cuInit" on every machine without a GPU) for
+# tfbn's own programs, unless TF_CPP_MIN_LOG_LEVEL is set. This opts train.py in;
+# it must come before anything imports tfbn or TensorFlow.
+os.environ.setdefault("TFBN_QUIET_STARTUP", "1")
+
+from absl import app, flags, logging  # noqa: E402
+
+from tfbn import _startup  # noqa: E402
+from tfbn.finetune import distribution, trainer  # noqa: E402
+from tfbn.finetune import flags as tfbn_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 tfbn_flags.define_flags(FLAGS)
@@ -36,9 +46,14 @@ def main(argv):
         config = tfbn_flags.config_from_flags(FLAGS)
         # Both must happen before TensorFlow initialises its devices: logical
         # CPUs cannot be split later, and collective ops are configured at start.
-        distribution.configure_logical_cpus(config.num_cpu_devices)
-        strategy = distribution.make_strategy(config.strategy)
+        with _startup.quiet_tensorflow_startup():
+            distribution.configure_logical_cpus(config.num_cpu_devices)
+            strategy = distribution.make_strategy(config.strategy)
         trainer.train(config, strategy)
+    except trainer.NonFiniteTrainingError as error:
+        # The run diverged; the checkpoints written so far are kept. Not a bug in
+        # tfbn, so the message is the whole story: no traceback.
+        sys.exit(f"train.py: {error}")
     except ValueError as error:
         message = tfbn_flags.as_flag_message(str(error))
         if message == str(error):

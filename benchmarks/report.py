@@ -32,6 +32,48 @@ Reading the numbers:
 * The fused path checks each batch for data far from zero (|mean| > 10
   standard deviations) and then re-runs the kernel on shifted data; the
   XLA rows pay for that check and its conditional more than oneDNN does.
+* Whole-model steps (6): "no BN" replaces every BN layer by a pass-through,
+  "fused kernel only" by a bare training-mode `FusedBatchNormV3` (no moving
+  statistics, no offset guard), the floor of any BN built on that kernel.
+  The note gives the spread of the per-round ratios and the ratio of process
+  CPU time, which other processes on a shared machine disturb less than
+  wall time. Under load the wall-clock ResNet50 "no BN" step is often slower
+  than the BN steps although it uses the least CPU: read both ratios.
+  What was tried to cut BN's share (issue 15; 2 shared cores, load 2-8,
+  per-round ratio IQRs of +-0.05 to +-0.15 in wall time):
+  - Profile (tf.profiler, MobileNetV2 step): the oneDNN `FusedBatchNormV3` and
+    `FusedBatchNormGradV3` kernels are about 90% of BN's op time; the rest is
+    about 25 per-channel ops per layer. The bare kernel alone costs 1.50x
+    (MobileNetV2) and 1.05x (ResNet50, CPU time) the no-BN step, so the
+    MobileNetV2 target (1.45) lies below the kernel's own floor. Ablation on
+    MobileNetV2 (CPU time, 21 rounds): bare kernel 1.59, + the two
+    moving-statistic assigns 1.61, + the offset guard 1.63, full tfbn 1.67.
+  - Grappler's BN+ReLU fusion (`_FusedBatchNormEx`, run by oneDNN as
+    `_MklNativeFusedBatchNormEx`): on CPU it needs a float32 or bfloat16
+    `FusedBatchNormV3` (float32 statistics), NHWC or NCHW, training or not,
+    feeding a `Relu` (not `Relu6`; no Add side input on CPU) as the only
+    consumer of its output, with no control edges. Measured on 8 BN+ReLU
+    layers (32x16x16x64, fwd+bwd, CPU time): fused 0.98x the unfused (IQR
+    0.90-1.04), no measurable gain; MobileNetV2's ReLU6 never matches and
+    ResNet50's ReLU passes are under 1% of its step. Not adopted: it needs
+    the guard's conditional off the output path.
+  - Offset guard: one conditional instead of two (it returns the kernel's
+    input, so the backward needs none) and the shift is taken only on the
+    rare ill-conditioned branch: 96 instead of 108 graph nodes per layer
+    (forward, backward, update; before Grappler, taken branches only);
+    fwd+bwd over MobileNetV2's 52 BN shapes 1.04x the raw kernel (before:
+    1.03x-1.07x, within noise). Kept; outputs bit-identical.
+  - Moving-statistic assigns: +0.02 of the no-BN step (above); grouping them
+    into one op would need one variable for both statistics, changing the
+    layer's weights. Not done.
+  - Casts, layout: float32 models run no Cast op and channels-last inputs
+    reach oneDNN without a Transpose (profiled); nothing to remove. A no-op
+    reshape of rank-4 and rank-5 outputs was dropped.
+* `recompute_statistics` runs one compiled round per BN dependency level
+  (49 for ResNet50, 121 for DenseNet121), each resuming from the cached
+  activations of the previous one; its rows are warm (the plan is traced
+  once per model), like the inference passes, and the note gives both first
+  calls, tracing included.
 """
 
 

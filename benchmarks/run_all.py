@@ -14,13 +14,24 @@ import argparse
 import time
 from collections.abc import Callable
 
-from benchmarks import common, inference, layer, report, trainer, training_step
+from benchmarks import (
+    common,
+    inference,
+    layer,
+    models,
+    population_statistics,
+    report,
+    trainer,
+    training_step,
+)
 
 BENCHMARKS: list[tuple[str, Callable[..., list[common.Row]]]] = [
     ("(1, 2) Layer time and bandwidth", layer.run),
     ("(3) Conv-BN-ReLU training step", training_step.run),
     ("(4) Inference: folded vs unfolded", inference.run),
     ("(5) Trainer vs model.fit", trainer.run),
+    ("(6) BN's share of whole-model training steps", models.run),
+    ("(7) Population statistics: recompute vs inference passes", population_statistics.run),
 ]
 
 

@@ -91,6 +91,15 @@ TARGETS: tuple[Target, ...] = (
     Target("general path vs keras", "layer", "tfbn (general path)", r" function, ", 0.85),
     Target("train step vs stock-BN network", "training_step", "tfbn BN", "", 0.8),
     Target("train step vs no-BN network", "training_step", "tfbn BN", "", 1.05, "no BN"),
+    Target("ResNet50 train step vs no BN", "models", "tfbn", r"^ResNet50 ", 1.12, "no BN"),
+    Target("MobileNetV2 train step vs no BN", "models", "tfbn", r"^MobileNetV2 ", 1.45, "no BN"),
+    Target(
+        "recompute_statistics vs inference passes",
+        "population_statistics",
+        "recompute_statistics",
+        "",
+        4.0,
+    ),
     Target(
         "trainer steps/s vs model.fit",
         "trainer",
@@ -99,6 +108,23 @@ TARGETS: tuple[Target, ...] = (
         1.0,
         reference="model.fit",
         higher_is_better=True,
+    ),
+    Target(
+        "streamed image folder steps/s vs image_dataset_from_directory + fit",
+        "trainer",
+        "tfbn trainer, streamed folder",
+        r"^image folder",
+        1.0,
+        reference="image_dataset_from_directory + fit",
+        higher_is_better=True,
+    ),
+    # The row's ratio column holds the growth of peak memory in MB.
+    Target(
+        "peak memory growth in MB, 1,500 -> 6,000 images",
+        "trainer",
+        "tfbn trainer, streamed folder",
+        r"^peak memory",
+        60.0,
     ),
 )
 

@@ -7,13 +7,14 @@ output); it says nothing about speed.
 import pathlib
 import sys
 
+import numpy as np
 import pytest
 
 # `benchmarks/` is a top-level folder of the repository, not an installed
 # package; `python -m pytest` from the root finds it, plain `pytest` may not.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from benchmarks import common, layer, report, run_all, targets  # noqa: E402
+from benchmarks import common, layer, models, report, run_all, targets  # noqa: E402
 
 
 def test_time_interleaved_calls_each_contender_warmup_plus_repeats_times():
@@ -39,6 +40,47 @@ def test_layer_smoke_rows_have_every_contender_and_keras_as_baseline():
     assert all(row.median_ms > 0 for row in rows)
 
 
+def test_models_smoke_rows_are_relative_to_no_bn():
+    rows = models.run(repeats=1, smoke=True)
+    contenders = ["tfbn", "stock keras BN", "no BN", "fused kernel only"]
+    assert [row.contender for row in rows] == contenders
+    assert [row.ratio for row in rows if row.contender == "no BN"] == [1.0]
+    assert all(row.median_ms > 0 for row in rows)
+
+
+def test_models_replacements_keep_the_graph_and_drop_or_swap_every_bn_layer():
+    keras = models.keras
+    stock = models.tiny_residual_network((8, 8, 3))
+    images = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype("float32")
+    plain = models.without_batch_norm(stock)
+    kernel_only = models.replace_batch_norm(stock, lambda layer: models.FusedKernelOnly())
+    for clone in (plain, kernel_only):
+        assert len(clone.layers) == len(stock.layers)
+        assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in clone.layers)
+    # The pass-through returns its input unchanged.
+    pass_through = next(layer for layer in plain.layers if isinstance(layer, models.PassThrough))
+    probe = keras.Model(plain.inputs, [pass_through.input, pass_through.output])
+    before, after = probe(images)
+    assert np.array_equal(before, after)
+    # The bare kernel normalizes each channel with the batch's biased variance.
+    layer = models.FusedKernelOnly(epsilon=1e-3)
+    outputs = np.asarray(layer(images))
+    mean = images.mean(axis=(0, 1, 2))
+    expected = (images - mean) / np.sqrt(images.var(axis=(0, 1, 2)) + 1e-3)
+    np.testing.assert_allclose(outputs, expected, atol=1e-5)
+
+
+def test_population_statistics_smoke_rows_compare_with_inference_passes():
+    from benchmarks import population_statistics
+
+    rows = population_statistics.run(repeats=1, smoke=True)
+    assert [row.contender for row in rows] == ["recompute_statistics", "2 inference passes"]
+    assert rows[1].ratio == 1.0 and rows[0].ratio == rows[0].median_ms / rows[1].median_ms
+    assert "first call" in rows[0].note
+    results = [r for r in targets.evaluate(rows) if r.benchmark == "population_statistics"]
+    assert [(r.contender, r.ratio) for r in results] == [("recompute_statistics", rows[0].ratio)]
+
+
 def test_run_all_smoke_writes_the_report(tmp_path):
     output = tmp_path / "BENCHMARKS.md"
     run_all.main(["--smoke", "--repeats", "1", "--output", str(output)])
@@ -50,6 +92,7 @@ def test_run_all_smoke_writes_the_report(tmp_path):
         "Conv-BN-ReLU train step",
         "(4) Inference",
         "(5) Trainer",
+        "(6) BN's share of whole-model training steps",
     ):
         assert expected in text
     # Every target of the one table is listed, with its limit, and judged.

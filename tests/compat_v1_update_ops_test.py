@@ -1,4 +1,6 @@
-"""Tests for `check_update_dependencies` and `minimize_with_updates`."""
+"""Tests for the train-op wiring: dependency checks, minimize and apply_gradients."""
+
+import warnings
 
 import numpy as np
 import pytest
@@ -7,6 +9,7 @@ import tensorflow as tf
 from tfbn.compat import v1 as tfbn_v1
 
 UPDATE_OPS = tf.compat.v1.GraphKeys.UPDATE_OPS
+STATS = ("moving_mean", "moving_variance")
 
 
 def _model(scope, x):
@@ -111,3 +114,76 @@ def test_batch_norm_inside_cond_branch():
             session.run(tf.compat.v1.global_variables_initializer())
             session.run(y, {flag: True})
             np.testing.assert_allclose(session.run(mean), [0.75, 0.75], rtol=1e-6)
+
+
+# Columns with exact float32 moments: means (3, 6, 1), unbiased variances (2.5, 10, 5).
+_EXACT_BATCH = np.array([[1, 2, 0], [2, 4, 0], [3, 6, 0], [4, 8, 0], [5, 10, 5]], dtype=np.float32)
+
+
+def _clipped_model(x):
+    with tf.compat.v1.variable_scope("m"):
+        y = tfbn_v1.batch_norm(x, scale=True, decay=0.5, scope="bn")
+        kernel = tf.compat.v1.get_variable(
+            "kernel", [3, 2], initializer=tf.compat.v1.constant_initializer(3.0)
+        )
+        return tf.reduce_sum(tf.square(tf.matmul(y, kernel)))
+
+
+def test_apply_gradients_with_updates_clipped_step_updates_statistics_exactly():
+    with tf.Graph().as_default():
+        loss = _clipped_model(tf.constant(_EXACT_BATCH))
+        optimizer = tf.compat.v1.train.GradientDescentOptimizer(0.1)
+        grads, variables = zip(*optimizer.compute_gradients(loss))
+        clipped, _ = tf.clip_by_global_norm(grads, 1.0)
+        global_step = tf.compat.v1.train.get_or_create_global_step()
+        train_op = tfbn_v1.apply_gradients_with_updates(
+            optimizer, zip(clipped, variables), update_scope="m", global_step=global_step
+        )
+        assert len(tfbn_v1.check_update_dependencies(train_op, scope="m")) == 2
+        mean, variance = (tf.compat.v1.global_variables(f"m/bn/{n}")[0] for n in STATS)
+        with tf.compat.v1.Session() as session:
+            session.run(tf.compat.v1.global_variables_initializer())
+            before = session.run(list(variables))
+            clipped_values, raw_values = session.run([clipped, grads])
+            session.run(train_op)
+            after = session.run(list(variables))
+            # One EMA step from (0, 1) with decay 0.5 and the fused path's
+            # Bessel-corrected variance: all exact in float32.
+            assert np.array_equal(session.run(mean), np.array([1.5, 3.0, 0.5], np.float32))
+            assert np.array_equal(session.run(variance), np.array([1.75, 5.5, 3.0], np.float32))
+            assert session.run(global_step) == 1
+    assert np.linalg.norm(np.concatenate([g.ravel() for g in raw_values])) > 1.0
+    for old, new, step in zip(before, after, clipped_values):
+        np.testing.assert_allclose(new, old - 0.1 * step, rtol=1e-6, atol=1e-7)
+
+
+def test_apply_gradients_with_updates_checks_its_arguments():
+    with tf.Graph().as_default():
+        loss = _clipped_model(tf.constant(_EXACT_BATCH))
+        optimizer = tf.compat.v1.train.GradientDescentOptimizer(0.1)
+        pairs = optimizer.compute_gradients(loss)
+        with pytest.raises(TypeError, match="tf.compat.v1.train.Optimizer"):
+            tfbn_v1.apply_gradients_with_updates(object(), pairs)
+        with pytest.raises(ValueError, match="`grads_and_vars` is empty"):
+            tfbn_v1.apply_gradients_with_updates(optimizer, [])
+        with pytest.raises(TypeError, match="pairs"):
+            tfbn_v1.apply_gradients_with_updates(optimizer, [pairs[0][1]])
+        with pytest.raises(ValueError, match="no BN update ops found in scope 'head'"):
+            tfbn_v1.apply_gradients_with_updates(optimizer, pairs, update_scope="head")
+
+
+def test_training_moving_statistics_warns_naming_them():
+    with tf.Graph().as_default():
+        loss = _clipped_model(tf.constant(_EXACT_BATCH))
+        optimizer = tf.compat.v1.train.GradientDescentOptimizer(0.1)
+        everything = tf.compat.v1.global_variables()
+        expected = r"2 BN moving-statistics variable\(s\): \['m/bn/moving_mean', 'm/bn/moving_va"
+        with pytest.warns(UserWarning, match="`grads_and_vars` contains " + expected):
+            tfbn_v1.apply_gradients_with_updates(
+                optimizer, optimizer.compute_gradients(loss, var_list=everything)
+            )
+        with pytest.warns(UserWarning, match="`var_list` contains " + expected):
+            tfbn_v1.minimize_with_updates(optimizer, loss, var_list=everything)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            tfbn_v1.minimize_with_updates(optimizer, loss, var_list="m")

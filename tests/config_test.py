@@ -2,7 +2,7 @@
 
 import pytest
 
-from tfbn.finetune.config import TrainConfig
+from tfbn.finetune.config import MAX_LEARNING_RATE, TrainConfig
 
 
 def test_defaults_are_valid():
@@ -58,3 +58,36 @@ def test_to_flagfile_lists_repeated_and_boolean_flags():
     assert "--update_part=head/" in lines and "--update_part=neck/" in lines
     assert "--noexport" in lines and "--nodry_run" in lines
     assert not any(line.startswith("--init_checkpoint") for line in lines)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("learning_rate", float("inf")),
+        ("learning_rate", float("nan")),
+        ("learning_rate", 1e30),
+        ("weight_decay", float("inf")),
+        ("weight_decay", float("nan")),
+        ("bn_epsilon", float("inf")),
+        ("bn_epsilon", float("nan")),
+        ("bn_momentum", float("nan")),
+        ("bn_momentum", float("inf")),
+    ],
+)
+def test_non_finite_and_absurd_hyperparameters_are_rejected(field, value):
+    with pytest.raises(ValueError, match=f"`{field}`: must .*finite|`{field}`: must be in"):
+        TrainConfig(model_dir="/tmp/run", **{field: value})
+
+
+def test_learning_rate_bound_and_skip_limit_accept_their_edges():
+    config = TrainConfig(
+        model_dir="/tmp/run",
+        learning_rate=MAX_LEARNING_RATE,
+        weight_decay=0.0,
+        bn_epsilon=1e-12,
+        max_consecutive_skipped_steps=0,
+    )
+    assert (config.learning_rate, config.max_consecutive_skipped_steps) == (100.0, 0)
+    assert TrainConfig(model_dir="/tmp/run").max_consecutive_skipped_steps == 100
+    with pytest.raises(ValueError, match="`max_consecutive_skipped_steps`"):
+        TrainConfig(model_dir="/tmp/run", max_consecutive_skipped_steps=-1)

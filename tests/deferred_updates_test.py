@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 import tfbn
+from tfbn.deferred_updates import CollectorScopeError
 
 
 def _two_part_model():
@@ -152,3 +153,78 @@ def test_layers_argument_rejects_a_string():
         with pytest.raises(TypeError, match="layers"):
             updates.apply(layers="bn")
         updates.discard()
+
+
+def test_bad_regex_in_apply_or_discard_names_the_pattern_and_the_error():
+    layer = tfbn.BatchNormalization()
+    with tfbn.deferred_updates() as updates:
+        layer(_data(), training=True)
+        with pytest.raises(ValueError, match=r"include.*'head\[' .*unterminated character set"):
+            updates.apply(include="head[")
+        with pytest.raises(ValueError, match=r"exclude.*'\(bn' .*missing \)"):
+            updates.discard(exclude=["(bn"])
+        assert len(updates.pending) == 1
+        updates.discard()
+
+
+def test_eager_collector_refuses_a_layer_called_inside_a_tf_function():
+    layer = tfbn.BatchNormalization(momentum=0.5)
+    layer.build((8, 4))
+
+    @tf.function
+    def forward(x):
+        return layer(x, training=True)
+
+    with tfbn.deferred_updates() as updates:
+        # Every call raises (a failed trace is not cached), not only the first.
+        for _ in range(2):
+            with pytest.raises(CollectorScopeError, match=r"(?s)tf\.function.*eager context"):
+                forward(_data())
+        assert updates.pending == ()
+    np.testing.assert_array_equal(layer.moving_mean.numpy(), np.zeros(4, np.float32))
+
+
+def test_model_fit_inside_a_collector_raises_before_the_first_step():
+    model = _two_part_model()
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    before = [w.copy() for w in model.get_weights()]
+    expected = pytest.raises(CollectorScopeError, match="Open the collector inside the function")
+    with expected, tfbn.deferred_updates():
+        model.fit(_data(), np.zeros((8, 3), np.float32), epochs=2, verbose=0)
+    for a, b in zip(before, model.get_weights()):
+        assert np.array_equal(a, b)
+
+
+def test_collector_of_one_function_refuses_a_nested_function_call():
+    layer = tfbn.BatchNormalization()
+    layer.build((8, 4))
+    inner = tf.function(lambda x: layer(x, training=True))
+
+    @tf.function
+    def outer(x):
+        with tfbn.deferred_updates() as updates:
+            y = inner(x)
+            updates.discard()
+        return y
+
+    with pytest.raises(CollectorScopeError, match="tf.function"):
+        outer(_data())
+
+
+def test_function_with_its_own_collector_works_inside_an_eager_collector():
+    layer = tfbn.BatchNormalization(momentum=0.5)
+    data = _data()
+
+    @tf.function
+    def step(x):
+        with tfbn.deferred_updates() as updates:
+            y = layer(x, training=True)
+            updates.apply()
+        return y
+
+    with tfbn.deferred_updates() as outer:
+        step(data)
+        assert outer.pending == ()
+    np.testing.assert_allclose(
+        layer.moving_mean.numpy(), data.astype(np.float64).mean(0) * 0.5, rtol=1e-6
+    )

@@ -49,6 +49,12 @@ def test_flags_build_the_typed_config():
         (["--restore_part=backbone/"], "--restore_part"),
         (["--strategy=horovod"], "strategy"),
         (["--num_cpu_devices=-1"], "--num_cpu_devices"),
+        (["--learning_rate=inf"], "--learning_rate must be a finite number"),
+        (["--learning_rate=1e30"], "--learning_rate must be a finite number in"),
+        (["--weight_decay=inf"], "--weight_decay must be a finite number"),
+        (["--bn_epsilon=inf"], "--bn_epsilon must be a finite number"),
+        (["--bn_epsilon=nan"], "--bn_epsilon must be a finite number"),
+        (["--max_consecutive_skipped_steps=-1"], "--max_consecutive_skipped_steps"),
     ],
 )
 def test_validators_reject_bad_values_naming_the_flag(argv, flag):
@@ -130,3 +136,23 @@ def test_train_py_ends_a_pattern_that_matches_nothing_with_a_usage_error(tmp_pat
     assert process.returncode == 1
     assert "--update_part pattern 'hed/' matches no variable" in process.stderr + process.stdout
     assert "Traceback" not in process.stderr
+
+
+def test_train_py_rejects_an_infinite_learning_rate_before_training(tmp_path):
+    process = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "train.py"),
+            f"--flagfile={REPO}/configs/smoke.flags",
+            f"--model_dir={tmp_path / 'run'}",
+            "--learning_rate=inf",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert process.returncode == 1
+    assert "--learning_rate must be a finite number" in process.stderr
+    assert "Traceback" not in process.stderr
+    assert not (tmp_path / "run").exists()

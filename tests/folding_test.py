@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import tfbn
-from tfbn.tools.folding import ChannelAffine, fold_batch_norm
+from tfbn.tools.folding import ChannelAffine, FoldDecision, fold_batch_norm, fold_reason_counts
+from tfbn.tools.model_graph import FOLD_BLOCKER_CODES
 
 L = keras.layers
 
@@ -101,6 +102,13 @@ def test_unfoldable_batch_norms_become_affine_with_reasons():
     assert "also feeds other layers" in reasons["bn_branch"]
     assert "not produced by a layer" in reasons["bn_input"]
     assert all(d.folded_into is None for d in decisions)
+    codes = {d.batch_norm: d.reason_code for d in decisions}
+    assert codes == {
+        "bn_after_relu": "producer_activation",
+        "bn_branch": "producer_output_reused",
+        "bn_input": "no_producer_layer",
+    }
+    assert set(codes.values()) <= set(FOLD_BLOCKER_CODES)
     assert sorted(layer.name for layer in folded.layers if isinstance(layer, ChannelAffine)) == [
         "bn_after_relu",
         "bn_branch",
@@ -126,6 +134,10 @@ def test_shared_layers_and_multi_axis_batch_norm_are_not_folded():
     reasons = {d.batch_norm: d.reason for d in decisions}
     assert "shared (called 2 times)" in reasons["shared_bn"]
     assert "normalizes axes [1, 2]" in reasons["multi"]
+    codes = {d.batch_norm: d.reason_code for d in decisions}
+    assert codes == {"shared_bn": "shared_batch_norm", "multi": "axis_mismatch"}
+    decisions.append(FoldDecision("extra", None, "...", "axis_mismatch"))
+    assert fold_reason_counts(decisions) == {"axis_mismatch": 2, "shared_batch_norm": 1}
     data = np.random.default_rng(3).normal(size=(2, 3, 4)).astype("float32")
     for expected, actual in zip(model(data, training=False), folded(data)):
         np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
@@ -178,3 +190,35 @@ def test_subclassed_model_is_refused():
 
     with pytest.raises(TypeError, match="Functional or Sequential"):
         fold_batch_norm(Net())
+
+
+def test_folded_decisions_have_no_reason_code():
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, tfbn.BatchNormalization(name="bn")(L.Dense(2)(inputs)))
+    _, decisions = fold_batch_norm(model, return_report=True)
+    assert [(d.reason, d.reason_code) for d in decisions] == [(None, None)]
+    assert fold_reason_counts(decisions) == {}
+
+
+@pytest.mark.parametrize(
+    "statistic, value, message",
+    [
+        ("moving_variance", np.nan, "NaN or infinite values in its moving_variance"),
+        ("moving_mean", np.inf, "NaN or infinite values in its moving_mean"),
+        ("moving_variance", -0.5, "negative moving_variance"),
+    ],
+)
+@pytest.mark.parametrize("bn_type", [tfbn.BatchNormalization, L.BatchNormalization])
+def test_bad_statistics_are_refused_naming_the_layer(statistic, value, message, bn_type):
+    inputs = keras.Input((3,))
+    hidden = L.Dense(3)(tfbn.BatchNormalization(name="good")(inputs))
+    model = keras.Model(inputs, bn_type(name="bad")(hidden))
+    _randomize(model)
+    variable = getattr(model.get_layer("bad"), statistic)
+    variable.assign(np.array([1.0, value, 1.0], np.float32))
+    before = [w.numpy().copy() for w in model.weights]
+
+    with pytest.raises(ValueError, match=f"'bad'.*{message}"):
+        fold_batch_norm(model)
+
+    assert all(np.array_equal(a, w.numpy(), equal_nan=True) for a, w in zip(before, model.weights))

@@ -209,3 +209,71 @@ def test_layout_maps_ranks_and_axes_to_kernel_formats():
     x = tf.zeros([5, 7])
     assert fused.to_kernel_rank(x, 1).shape == (5, 1, 1, 7)
     assert fused.to_kernel_rank(tf.zeros([5, 7, 3]), 3).shape == (5, 7, 3, 1)
+
+
+def _raw_forward_backward(x, scale, offset, dy):
+    """y, dx, dscale, doffset of the bare kernels on `x` (NHWC, training)."""
+    empty = tf.zeros([0])
+    forward = tf.raw_ops.FusedBatchNormV3(
+        x=x,
+        scale=scale,
+        offset=offset,
+        mean=empty,
+        variance=empty,
+        epsilon=1e-3,
+        exponential_avg_factor=1.0,
+        data_format="NHWC",
+        is_training=True,
+    )
+    dx, dscale, doffset = tf.raw_ops.FusedBatchNormGradV3(
+        y_backprop=dy,
+        x=x,
+        scale=scale,
+        reserve_space_1=forward.reserve_space_1,
+        reserve_space_2=forward.reserve_space_2,
+        reserve_space_3=forward.reserve_space_3,
+        epsilon=1e-3,
+        data_format="NHWC",
+        is_training=True,
+    )[:3]
+    return [forward.y, dx, dscale, doffset]
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e6])
+def test_fused_path_is_the_bare_kernels_on_the_input_or_the_shifted_input(offset):
+    # Well-conditioned data reaches the kernels as is; ill-conditioned data
+    # minus its first sample per channel, in the forward and the backward.
+    x = tf.constant(offset + _normal((8, 3, 3, 2)))
+    dy = tf.constant(_normal((8, 3, 3, 2)))
+    scale = tf.constant([0.5, 2.0])
+    beta = tf.constant([1.0, -1.0])
+
+    @tf.function
+    def tfbn_path(x, scale, beta):
+        with tf.GradientTape() as tape:
+            tape.watch([x, scale, beta])
+            y = fused.batch_norm_training(x, scale, beta, 1e-3, "NHWC")[0]
+        return [y, *tape.gradient(y, [x, scale, beta], output_gradients=dy)]
+
+    kernel_input = x - x[:1, :1, :1, :] if offset else x
+    got = tfbn_path(x, scale, beta)
+    want = _raw_forward_backward(kernel_input, scale, beta, dy)
+    for got_value, want_value in zip(got, want):
+        assert np.array_equal(got_value.numpy(), want_value.numpy())
+
+
+def test_forward_and_backward_share_one_conditional():
+    # The guard's conditional also returns the kernel's input, so the
+    # gradient needs no conditional of its own.
+    x = tf.constant(_normal((4, 3, 3, 2)))
+    scale, beta = tf.ones([2]), tf.zeros([2])
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = fused.batch_norm_training(x, scale, beta, 1e-3, "NHWC")[0]
+        return tape.gradient(y, x)
+
+    operations = step.get_concrete_function(x).graph.get_operations()
+    assert sum(op.type in ("If", "StatelessIf") for op in operations) == 1

@@ -44,3 +44,26 @@ def test_known_prefixes_up_to_depth():
     assert patterns.known_prefixes(PATHS, depth=1) == ["backbone/", "head/"]
     assert "backbone/bn1/" in patterns.known_prefixes(PATHS)
     assert patterns.known_prefixes(["flat"]) == ["flat"]
+
+
+def test_large_models_quote_the_closest_prefixes_first_and_at_most_30():
+    paths = [f"block_{i}_expand/kernel" for i in range(100)] + ["Conv_1/kernel"]
+    with pytest.raises(ValueError) as error:
+        patterns.matching(paths, ["Conv_2"], "update_part")
+    message = str(error.value)
+    assert "closest: ['Conv_1/'" in message
+    assert f"(and {101 - patterns.MAX_QUOTED_PREFIXES} more)" in message
+    shown = message.split("known prefixes: ")[1]
+    assert shown.count("_expand/") <= patterns.MAX_QUOTED_PREFIXES
+
+
+def test_flat_model_paths_are_layer_names():
+    paths = ["Conv_1/kernel", "Conv_1_bn/gamma", "predictions/kernel", "predictions/bias"]
+    assert patterns.select(paths, ["Conv_1", "predictions"], [], "update_part", "freeze_part") == (
+        paths
+    )
+    assert patterns.select(paths, ["Conv_1/", "predictions"], [], "u", "f") == [
+        "Conv_1/kernel",
+        "predictions/kernel",
+        "predictions/bias",
+    ]

@@ -55,7 +55,11 @@ def test_recompute_then_fold_then_convert(saved_model, capsys):
     np.testing.assert_allclose(bn_mean, stats["bn"].mean, rtol=1e-5, atol=1e-6)
 
     assert tools_cli.main(["fold", recomputed, folded]) == 0
-    assert "folded bn into dense" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "folded bn into dense" in out
+    # bn_top reads a ReLU: kept, with the reason's stable code, and counted.
+    assert "kept bn_top as ChannelAffine [unfoldable_producer]: " in out
+    assert "1 of 2 BN layers folded; kept unfoldable_producer: 1" in out
     np.testing.assert_allclose(
         keras.models.load_model(folded)(data), model(data, training=False), rtol=1e-5, atol=1e-5
     )
@@ -195,3 +199,100 @@ def test_flag_message_translates_only_argument_names():
     )
     assert tools_cli.flag_message("go to sleep") == "go to sleep"
     assert len(tools_cli.flag_message("x" * 5000)) <= 400
+
+
+def _statistics(model):
+    return [w.numpy().copy() for w in model.weights if "moving" in w.path]
+
+
+def test_non_finite_data_is_refused_and_nothing_is_written(saved_model, capsys):
+    path, data, tmp = saved_model
+    data = data.copy()
+    data[6, 1] = np.inf
+    data_path = os.path.join(tmp, "inf.npy")
+    np.save(data_path, data)
+    out = os.path.join(tmp, "out.keras")
+    argv = ["recompute-statistics", path, out, "--data", data_path, "--batch-size", "4"]
+    assert tools_cli.main(argv + ["--quiet"]) == 2
+    line = _one_line_error(capsys)
+    assert "Batch 1 (counting from 0)" in line and "NaN or infinite" in line
+    assert not os.path.exists(out)
+
+
+def test_fold_refuses_nan_statistics_naming_the_layer(saved_model, capsys):
+    path, _, tmp = saved_model
+    model = keras.models.load_model(path)
+    model.get_layer("bn").moving_variance.assign([1.0, np.nan, 1.0, 1.0])
+    model.save(path)
+    out = os.path.join(tmp, "out.keras")
+    assert tools_cli.main(["fold", path, out]) == 2
+    line = _one_line_error(capsys)
+    assert "'bn'" in line and "moving_variance" in line
+    assert not os.path.exists(out)
+
+
+def test_damaged_and_non_numeric_data_files_are_called_invalid(saved_model, capsys):
+    path, _, tmp = saved_model
+    out = os.path.join(tmp, "out.keras")
+    damaged = os.path.join(tmp, "damaged.npz")
+    with open(damaged, "wb") as handle:
+        handle.write(b"PK\x03\x04 not really a zip archive")
+    strings = os.path.join(tmp, "strings.npy")
+    np.save(strings, np.array([["a"] * 5] * 3))
+    folder = os.path.join(tmp, "folder.npy")
+    os.mkdir(folder)
+    expected = {damaged: "invalid", strings: "model inputs must be numbers", folder: "directory"}
+    for data_path, words in expected.items():
+        argv = ["recompute-statistics", path, out, "--data", data_path, "--quiet"]
+        assert tools_cli.main(argv) == 2
+        line = _one_line_error(capsys)
+        assert words in line and data_path in line
+        assert "not found" not in line.lower()
+
+
+def test_multi_input_model_and_bad_output_are_refused_before_any_work(saved_model, capsys):
+    _, _, tmp = saved_model
+    first, second = keras.Input((5,)), keras.Input((5,))
+    two_inputs = keras.Model([first, second], L.Add()([first, second]))
+    two_path = os.path.join(tmp, "two.keras")
+    two_inputs.save(two_path)
+    data_path = os.path.join(tmp, "data.npy")
+    argv = ["recompute-statistics", two_path, os.path.join(tmp, "o.keras"), "--data", data_path]
+    assert tools_cli.main(argv) == 2
+    assert "takes 2 inputs" in _one_line_error(capsys)
+    for output, words in (("nowhere/o.keras", "does not exist"), ("o.txt", "must end in .keras")):
+        argv = ["fold", two_path, os.path.join(tmp, output)]
+        assert tools_cli.main(argv) == 2
+        assert words in _one_line_error(capsys)
+
+
+def test_unexpected_errors_are_one_line_unless_traceback_is_asked(saved_model, capsys, monkeypatch):
+    path, _, tmp = saved_model
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("internal failure\nsecond line")
+
+    monkeypatch.setattr(tools_cli.folding, "fold_batch_norm", broken)
+    out = os.path.join(tmp, "out.keras")
+    assert tools_cli.main(["fold", path, out]) == 1
+    line = _one_line_error(capsys)
+    assert "RuntimeError: internal failure" in line and "--traceback" in line
+    with pytest.raises(RuntimeError, match="internal failure"):
+        tools_cli.main(["--traceback", "fold", path, out])
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["fold"], "the following arguments are required: model, output"),
+        (["fold", "a.keras", "b.keras", "--bogus"], "unrecognized arguments: --bogus"),
+        (["convert", "a.keras", "b.keras", "--to", "torch"], "invalid choice: 'torch'"),
+        (["audit", "a.keras", "--batch-size", "many"], "invalid int value: 'many'"),
+    ],
+)
+def test_command_line_mistakes_are_one_line_errors(argv, words, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        tools_cli.main(argv)
+    assert exit_info.value.code == 2
+    line = _one_line_error(capsys)
+    assert words in line and "--help" in line

@@ -231,3 +231,89 @@ def test_library_errors_name_the_argument_not_the_flag(tmp_path):
     with pytest.raises(ValueError, match="`update_part` pattern 'haed/'") as error:
         trainer.train(smoke_config(str(tmp_path), "--update_part=haed/"))
     assert "--update_part" not in str(error.value)
+
+
+def _poison_last_kernel(run):
+    """Makes every loss NaN: the last Dense kernel becomes NaN."""
+    kernel = [v for v in run.model.trainable_variables if v.path.endswith("kernel")][-1]
+    kernel.assign(np.full(kernel.shape, np.nan, np.float32))
+
+
+def test_a_run_whose_steps_keep_being_skipped_stops_with_an_error(tmp_path):
+    model_dir = tmp_path / "run"
+    config = smoke_config(str(model_dir), "--train_steps=10", "--max_consecutive_skipped_steps=3")
+    run = trainer.Trainer(config)
+    run.initialize()
+    _poison_last_kernel(run)
+    with pytest.raises(
+        trainer.NonFiniteTrainingError, match=r"3 consecutive steps \(steps 1 to 3\)"
+    ):
+        run.train()
+    assert int(run.step.global_step.numpy()) == 3
+    assert int(run.step.skipped_steps.numpy()) == 3
+    assert tf.train.latest_checkpoint(str(model_dir)) is None  # interval 5: none reached
+
+
+def test_skip_limit_zero_lets_a_skipping_run_finish(tmp_path):
+    config = smoke_config(
+        str(tmp_path / "run"), "--train_steps=4", "--max_consecutive_skipped_steps=0"
+    )
+    run = trainer.Trainer(config)
+    run.initialize()
+    _poison_last_kernel(run)
+    result = run.train()
+    assert (result.global_step, result.skipped_steps) == (4, 4)
+
+
+def test_skip_streak_counts_only_consecutive_skips():
+    streak = trainer._SkipStreak(3)
+    for step, applied in enumerate([False, False, True, False, False, True], start=1):
+        streak.add(step, applied)
+    streak.add(7, applied=False)
+    streak.add(8, applied=False)
+    with pytest.raises(trainer.NonFiniteTrainingError, match=r"steps 7 to 9.*now 0.5"):
+        streak.add(9, applied=False, learning_rate=0.5)
+
+
+def _write_image_folder(root, train_images, size=64, classes=4):
+    """Random JPEGs in `root/{train,val}/<class>/`: `train_images` in train, 8 a class in val."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", train_images), ("val", 8 * classes)):
+        for index in range(count):
+            directory = os.path.join(root, split, f"class{index % classes}")
+            os.makedirs(directory, exist_ok=True)
+            pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            tf.io.write_file(os.path.join(directory, f"{index}.jpg"), tf.io.encode_jpeg(pixels))
+
+
+def _peak_rss_mb_of_training(model_dir, dataset):
+    """Peak resident memory (MB) of a `train.py` process that trains 3 steps on `dataset`."""
+    command = [
+        sys.executable,
+        os.path.join(REPO, "train.py"),
+        f"--flagfile={REPO}/configs/smoke.flags",
+        f"--model_dir={model_dir}",
+        f"--dataset={dataset}",
+        "--image_size=64",
+        "--train_steps=3",
+        "--checkpoint_interval=3",
+    ]
+    process = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    stderr = process.stderr.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    assert process.returncode == 0, stderr.decode(errors="replace")[-3000:]
+    return usage.ru_maxrss / 1024.0  # kilobytes on Linux
+
+
+def test_peak_memory_does_not_grow_with_the_image_folder(tmp_path):
+    # Loading the split into memory as float32 costs ~235 KB per 64x64 image
+    # (1,000 more images: ~230 MB); streaming from disk costs ~nothing per image.
+    small, large = str(tmp_path / "small"), str(tmp_path / "large")
+    _write_image_folder(small, 64)
+    _write_image_folder(large, 1064)
+    peak_small = _peak_rss_mb_of_training(str(tmp_path / "run_small"), f"folder:{small}")
+    peak_large = _peak_rss_mb_of_training(str(tmp_path / "run_large"), f"folder:{large}")
+    assert peak_large - peak_small < 60, (peak_small, peak_large)

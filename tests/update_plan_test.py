@@ -91,3 +91,40 @@ def test_plan_modes_are_enum_members_and_layers_are_selected_by_mode():
 def test_unknown_frozen_bn_mode_is_an_error():
     with pytest.raises(ValueError, match="`frozen_bn_mode` must be one of"):
         update_plan.plan_update(model(), ["head/"], frozen_bn_mode="train")
+
+
+def test_patterns_match_nested_paths_that_survive_save_and_load(tmp_path):
+    from tfbn import models
+
+    built = models.build_model("tiny_darknet", 3, (16, 16, 3))
+    built.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    # Keras' own paths lose the part scopes on load; the plan does not.
+    assert "bn1/gamma" in [v.path for v in loaded.variables]
+    plans = [update_plan.plan_update(m, ["head/"]) for m in (built, loaded)]
+    for plan in plans:
+        assert all(plan.path(v).startswith("head/") for v in plan.update_variables)
+    assert [plans[1].path(v) for v in plans[1].update_variables] == [
+        plans[0].path(v) for v in plans[0].update_variables
+    ]
+    assert plans[1].layer_paths() == [
+        "backbone/bn1",
+        "backbone/bn2",
+        "backbone/bn3",
+        "head/bn_head",
+    ]
+    assert str(plans[1]) == str(plans[0])
+
+
+def test_describe_lists_every_path_once_with_modes():
+    m = model()
+    plan = update_plan.plan_update(m, ["head/"], frozen_bn_mode="batch")
+    text = plan.describe()
+    listed = [line.strip() for line in text.splitlines() if line.startswith("  ")]
+    # Every variable once, except the statistics a train step updates on purpose.
+    expected = sorted(v.path for v in m.variables if not v.path.startswith("head/bn2/moving"))
+    assert sorted(listed[: len(expected)]) == expected
+    assert listed[len(expected) :] == [
+        "backbone/bn1: frozen, mode=batch",
+        "head/bn2: in update set, mode=train",
+    ]

@@ -18,6 +18,13 @@ Leaving the block while updates are neither applied nor discarded raises
 
 The active collector is per thread, so each replica function that
 `tf.distribute` runs in its own thread opens its own collector.
+
+A collector belongs to the graph it was opened in: the recorded updates hold
+that graph's tensors. A layer called inside a `tf.function` (or Keras'
+compiled `model.fit` step) while the open collector belongs to the eager
+context (or to another function) raises `CollectorScopeError` at trace time,
+instead of recording tensors that cannot be applied there and that a cached
+trace would never record again.
 """
 
 from __future__ import annotations
@@ -35,6 +42,15 @@ Patterns = str | Sequence[str] | None
 
 class UnappliedUpdatesError(RuntimeError):
     """Raised when a `deferred_updates` block ends with pending updates."""
+
+
+class CollectorScopeError(RuntimeError):
+    """A layer recorded an update into a collector opened in another graph."""
+
+    # AutoGraph re-raises an error from a traced function as its own type
+    # only if that type takes the plain `Exception` constructor; otherwise
+    # the caller would get a generic StagingError.
+    __init__ = Exception.__init__
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,16 +87,37 @@ def active_collector() -> UpdateCollector | None:
     return stack[-1] if stack else None
 
 
+def _current_graph():
+    """The graph that ops are built in now; None when executing eagerly."""
+    return None if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
+
+
+def _describe_graph(graph) -> str:
+    if graph is None:
+        return "eager context"
+    kind = "tf.function" if getattr(graph, "building_function", False) else "graph"
+    return f"{kind} {graph.name!r}" if getattr(graph, "name", None) else kind
+
+
 def _as_pattern_list(name: str, patterns: Patterns) -> list[str] | None:
     if patterns is None:
         return None
     if isinstance(patterns, str):
-        return [patterns]
+        patterns = [patterns]
     if not all(isinstance(pattern, str) for pattern in patterns):
         raise TypeError(
             f"`{name}` must be a regex string or a list of them; received "
             f"{patterns!r}. Example: {name}=[r'backbone/']."
         )
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(
+                f"`{name}` pattern {pattern!r} is not a valid regular expression: "
+                f"{error}. Escape literal characters (re.escape) or fix the pattern, "
+                f"e.g. {name}=[r'backbone/']."
+            ) from None
     return list(patterns)
 
 
@@ -89,6 +126,8 @@ class UpdateCollector:
 
     def __init__(self):
         self._pending: list[PendingUpdate] = []
+        # Updates may only be recorded from the graph the block was opened in.
+        self._graph = _current_graph()
 
     @property
     def pending(self) -> tuple:
@@ -101,7 +140,34 @@ class UpdateCollector:
         return [update.path for update in self._pending]
 
     def record(self, update: PendingUpdate) -> None:
-        """Adds an update; called by layers, not by users."""
+        """Adds an update; called by layers, not by users.
+
+        Raises:
+            CollectorScopeError: If the update is built inside a `tf.function`
+                (or Keras' compiled train step) other than the one the
+                collector was opened in: its tensors could never be applied
+                from the collector's context, and a cached trace would never
+                record the update again.
+        """
+        graph = _current_graph()
+        if graph is not self._graph and tf.inside_function():
+            raise CollectorScopeError(
+                f"layer {update.path!r} was called inside {_describe_graph(graph)} "
+                f"while the open tfbn.deferred_updates() collector belongs to "
+                f"{_describe_graph(self._graph)}. Its update could never be applied "
+                "there, and later calls of the traced function would record nothing, "
+                "so the moving statistics would silently never move. Open the "
+                "collector inside the function that calls the layer and apply or "
+                "discard the updates there:\n"
+                "    @tf.function\n"
+                "    def train_step(x):\n"
+                "        with tfbn.deferred_updates() as updates:\n"
+                "            ...model(x, training=True)...\n"
+                "            updates.apply(include=...)\n"
+                "With model.fit, do not wrap fit in a collector: outside a collector "
+                "the layers update at call time (or override train_step and open the "
+                "collector there)."
+            )
         self._pending.append(update)
 
     def _select(self, include: Patterns, exclude: Patterns, layers) -> list[PendingUpdate]:
@@ -152,8 +218,9 @@ class UpdateCollector:
             (empty in eager mode, where the updates have already happened).
 
         Raises:
-            ValueError: If a pattern matches no pending update (a typo must
-                not silently freeze or update the wrong layers).
+            ValueError: If a pattern is not a valid regular expression, or
+                matches no pending update (a typo must not silently freeze or
+                update the wrong layers).
         """
         chosen = self._select(include, exclude, layers)
         ops = []
@@ -173,7 +240,8 @@ class UpdateCollector:
             layers: Optional collection of layer objects whose updates to drop.
 
         Raises:
-            ValueError: If a pattern matches no pending update.
+            ValueError: If a pattern is not a valid regular expression, or
+                matches no pending update.
         """
         chosen_ids = {id(update) for update in self._select(include, exclude, layers)}
         self._pending = [u for u in self._pending if id(u) not in chosen_ids]
@@ -211,7 +279,8 @@ def deferred_updates() -> Iterator[UpdateCollector]:
     """Collects the moving-statistics updates of tfbn layers called in the block.
 
     Works eagerly and while tracing a `tf.function` (the collector is a
-    trace-time Python object; apply the updates inside the same function).
+    trace-time Python object; open it, and apply the updates, inside the
+    same function that calls the layers).
 
     Yields:
         The `UpdateCollector` holding the pending updates.
@@ -219,6 +288,9 @@ def deferred_updates() -> Iterator[UpdateCollector]:
     Raises:
         UnappliedUpdatesError: On leaving the block normally while updates are
             still pending. Call `updates.apply()` or `updates.discard()`.
+        CollectorScopeError: When a layer in the block is called inside a
+            `tf.function` (e.g. `model.fit`'s train step) that the block was
+            not opened in; open the collector inside that function.
     """
     collector = UpdateCollector()
     stack = _stack()

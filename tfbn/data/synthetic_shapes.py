@@ -8,14 +8,21 @@ is not (covariate shift, what fine-tuning BN statistics is for).
 
 Nothing is downloaded: `download_and_prepare()` renders the images with a
 fixed seed in a couple of seconds, so the dataset is identical everywhere.
+It says so: one line, "Generating the embedded dataset ...", replaces TFDS's
+"Downloading and preparing dataset" and its progress bars.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
+import time
 
 import numpy as np
+import tensorflow as tf
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.utils import tqdm_utils
 
 IMAGE_SIZE = 32
 SHAPES = ("square", "circle", "triangle", "cross")
@@ -121,6 +128,47 @@ class TfbnShapes(tfds.core.GeneratorBasedBuilder):
             ),
             supervised_keys=("image", "label"),
         )
+
+    def download_and_prepare(self, *args, **kwargs):
+        """Generates the dataset locally, once; a no-op when it is prepared already.
+
+        Prints one line saying what happens (nothing is downloaded) instead
+        of TFDS's download message and progress bars.
+
+        Args:
+            *args: Passed to `tfds.core.DatasetBuilder.download_and_prepare`.
+            **kwargs: Passed to `tfds.core.DatasetBuilder.download_and_prepare`.
+        """
+        # Not `self.is_prepared()`: on a first run it logs a warning about the
+        # still-empty folder that TFDS itself created.
+        if tf.io.gfile.exists(os.path.join(self.data_dir, "dataset_info.json")):
+            return super().download_and_prepare(*args, **kwargs)
+        name = f"{self.name}/{self.builder_config.name}"
+        print(
+            f"Generating the embedded dataset {name} (once, into {self.data_dir}; "
+            "nothing is downloaded)...",
+            file=sys.stderr,
+            flush=True,
+        )
+        start = time.perf_counter()
+        progress_bars = tqdm_utils._active
+        tfds.display_progress_bar(False)
+        try:
+            result = super().download_and_prepare(*args, **kwargs)
+        finally:
+            tfds.display_progress_bar(progress_bars)
+        print(
+            f"Generated {name} in {time.perf_counter() - start:.1f} s.", file=sys.stderr, flush=True
+        )
+        return result
+
+    def _log_download_bytes(self) -> None:
+        # TFDS prints "Downloading and preparing dataset ..." here; nothing is
+        # downloaded, and `download_and_prepare` says what happens instead.
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
 
     def _split_generators(self, dl_manager):
         del dl_manager  # Nothing to download.

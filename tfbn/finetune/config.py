@@ -8,14 +8,21 @@ runs them again so a config built in Python is held to the same rules.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
+import zipfile
 from collections.abc import Callable
+
+from tfbn.nn import arguments as bn_arguments
 
 FROZEN_BN_MODES = ("inference", "batch", "adapt")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop")
 LR_SCHEDULES = ("constant", "cosine", "step")
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+# No optimizer of train.py converges with a larger peak learning rate; a value
+# above it is a typo (1e30 for 1e-3) that would end in NaN weights or a dead model.
+MAX_LEARNING_RATE = 100.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +61,7 @@ class TrainConfig:
     eval_interval: int = 0
     eval_batches: int = 0
     summary_interval: int = 10
+    max_consecutive_skipped_steps: int = 100
     seed: int = 0
     verbose: int = 1
     dry_run: bool = False
@@ -62,6 +70,7 @@ class TrainConfig:
     strategy: str = "default"
     num_cpu_devices: int = 0
     sync_bn: bool = False
+    allow_changed_flags: bool = False
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -134,6 +143,20 @@ def _patterns(value) -> str | None:
     return None
 
 
+def _model(value) -> str | None:
+    if not value:
+        return "is required: a registered name, 'package.module:function' or a .keras file"
+    if value.endswith(".keras"):
+        if not os.path.isfile(value):
+            return (
+                "names a .keras file that does not exist (save the model with "
+                "model.save('name.keras'))"
+            )
+        if not zipfile.is_zipfile(value):
+            return "names a file that is not a .keras archive (save it with model.save)"
+    return None
+
+
 def _model_dir(value) -> str | None:
     return None if value else "is required: the directory for checkpoints, logs and reports"
 
@@ -145,11 +168,18 @@ def _batch_size(value) -> str | None:
 
 
 def _learning_rate(value) -> str | None:
-    return None if value > 0 else "must be > 0"
+    if math.isfinite(value) and 0 < value <= MAX_LEARNING_RATE:
+        return None
+    return (
+        f"must be a finite number in (0, {MAX_LEARNING_RATE:g}]; larger rates diverge "
+        "with every optimizer here (typical values: 0.1 for SGD, 1e-3 for Adam)"
+    )
 
 
 def _weight_decay(value) -> str | None:
-    return None if value >= 0 else "must be >= 0"
+    if math.isfinite(value) and value >= 0:
+        return None
+    return "must be a finite number >= 0 (0 disables it; typical values: 1e-4 to 5e-4)"
 
 
 def _bn_momentum(value) -> str | None:
@@ -162,7 +192,15 @@ def _bn_momentum(value) -> str | None:
 
 
 def _bn_epsilon(value) -> str | None:
-    return None if value is None or value > 0 else "must be > 0"
+    if value is None:
+        return None
+    if not value > 0:  # NaN too; the layer allows 0, an override must not.
+        return "must be a finite number > 0 (e.g. 1e-3)"
+    try:
+        bn_arguments.epsilon(value, "bn_epsilon")
+    except ValueError:
+        return "must be a finite number > 0 (e.g. 1e-3)"
+    return None
 
 
 def _image_size(value) -> str | None:
@@ -181,6 +219,7 @@ def _verbose(value) -> str | None:
 
 FIELD_CHECKS: dict[str, Callable[[object], str | None]] = {
     "model_dir": _model_dir,
+    "model": _model,
     "image_size": _image_size,
     "batch_size": _batch_size,
     "train_steps": _positive_int,
@@ -200,6 +239,7 @@ FIELD_CHECKS: dict[str, Callable[[object], str | None]] = {
     "eval_interval": _non_negative_int,
     "eval_batches": _non_negative_int,
     "summary_interval": _positive_int,
+    "max_consecutive_skipped_steps": _non_negative_int,
     "seed": _non_negative_int,
     "verbose": _verbose,
     "strategy": _choice(STRATEGIES),

@@ -42,8 +42,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "model",
         default("model"),
         "Registered model name (tiny_darknet, "
-        "bn_mlp, inception_bn) or 'package.module:function' building a "
-        "Keras model from (num_classes, input_shape).",
+        "bn_mlp, inception_bn), 'package.module:function' building a "
+        "Keras model from (num_classes, input_shape), or a saved <file>.keras "
+        "(architecture and weights from the file; images resized to its input size; "
+        "its output must have one logit per class).",
         flag_values=fv,
     )
     flags.DEFINE_string(
@@ -90,7 +92,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         flag_values=fv,
     )
     flags.DEFINE_float(
-        "learning_rate", default("learning_rate"), "Peak learning rate.", flag_values=fv
+        "learning_rate",
+        default("learning_rate"),
+        f"Peak learning rate: finite, in (0, {config_lib.MAX_LEARNING_RATE:g}].",
+        flag_values=fv,
     )
     flags.DEFINE_enum(
         "lr_schedule",
@@ -108,9 +113,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_string(
         "init_checkpoint",
         default("init_checkpoint"),
-        "A tfbn checkpoint "
-        "(a model_dir or a checkpoint prefix) to restore from when "
-        "model_dir holds none.",
+        "Weights to restore from when "
+        "model_dir holds none: a tfbn checkpoint (a model_dir or a checkpoint "
+        "prefix), a .keras or .weights.h5 file, or a TF1 Saver checkpoint prefix; "
+        "matched by nested variable path (see --dry_run).",
         flag_values=fv,
     )
     flags.DEFINE_multi_string(
@@ -161,7 +167,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_float(
         "bn_epsilon",
         default("bn_epsilon"),
-        "Override every BN layer's epsilon (> 0).",
+        "Override every BN layer's epsilon (finite, > 0).",
         flag_values=fv,
     )
     flags.DEFINE_integer(
@@ -187,6 +193,14 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "summary_interval",
         default("summary_interval"),
         "Write TensorBoard summaries and metrics.jsonl every this many steps.",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "max_consecutive_skipped_steps",
+        default("max_consecutive_skipped_steps"),
+        "Stop the run with an error after this many steps in a row were skipped "
+        "because the loss or a gradient was not finite (the model has diverged and "
+        "would otherwise finish unchanged with exit code 0); 0 never stops.",
         flag_values=fv,
     )
     flags.DEFINE_integer(
@@ -239,6 +253,16 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "batch statistics of the global batch across replicas. Without "
         "it each replica normalizes with its local batch and the moving "
         "statistics take the mean of the replicas' updates.",
+        flag_values=fv,
+    )
+    flags.DEFINE_boolean(
+        "allow_changed_flags",
+        default("allow_changed_flags"),
+        "Resume a run in --model_dir even though flags that change its trajectory "
+        "(seed, learning rate, optimizer, dataset, model, BN or pattern flags, batch "
+        "size, strategy, ...) differ from the ones it was saved with; the change is "
+        "recorded in flags.txt and run_config.json. Raising --train_steps needs no "
+        "override.",
         flag_values=fv,
     )
     flags.mark_flag_as_required("model_dir", flag_values=fv)

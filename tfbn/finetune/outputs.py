@@ -3,11 +3,12 @@
 * `Reporter`: the trainer's one channel for user-facing console messages
   (progress bar, one line per log, eval lines, summaries); warnings go
   through absl logging instead.
-* `ChiefOutputs`: the chief's console, flags.txt, TensorBoard/JSON logs, BN
-  baseline and report, export, and checkpoints in `model_dir`.
+* `ChiefOutputs`: the chief's console, the run directory's lock, flags.txt and
+  run_config.json, TensorBoard/JSON logs, BN baseline and report, export, and
+  checkpoints in `model_dir`.
 * `WorkerOutputs`: the same interface for the other `multi_worker` workers:
-  silent, no files, checkpoints to a throw-away directory (every worker must
-  take part in a save, only the chief's copy is kept).
+  silent, no files, no lock, checkpoints to a throw-away directory (every
+  worker must take part in a save, only the chief's copy is kept).
 
 The `Trainer` picks one of the two once, so its code has no chief branches.
 """
@@ -15,16 +16,20 @@ The `Trainer` picks one of the two once, so its code has no chief branches.
 from __future__ import annotations
 
 import os
+import zipfile
 
 import keras
 import tensorflow as tf
+from absl import logging
 
+from tfbn.finetune import checkpoint_files, run_directory, summaries
 from tfbn.finetune import report as report_lib
-from tfbn.finetune import summaries
 from tfbn.finetune.config import TrainConfig
 from tfbn.finetune.update_plan import UpdatePlan
 
 BASELINE_FILE = "bn_baseline.npz"
+# Where unreadable checkpoints of a lost trajectory are moved, never deleted.
+UNREADABLE_DIR = "unreadable_checkpoints"
 
 
 class Reporter:
@@ -136,10 +141,91 @@ class ChiefOutputs:
         self.config = config
         self.reporter = Reporter(config.verbose)
 
-    def write_flags(self) -> None:
-        """Writes `flags.txt`, the config as a flagfile."""
-        with open(os.path.join(self.config.model_dir, "flags.txt"), "w") as stream:
-            stream.write(self.config.to_flagfile())
+    def lock(self) -> run_directory.RunDirectoryLock:
+        """Takes the run directory's exclusive lock (see `run_directory.lock_run_directory`).
+
+        Returns:
+            The held lock; release it when the run ends.
+
+        Raises:
+            run_directory.RunDirectoryInUseError: If another run holds it.
+        """
+        return run_directory.lock_run_directory(self.config.model_dir)
+
+    def check_resume_flags(self, checkpoint: str) -> dict[str, tuple]:
+        """Refuses a resume with changed trajectory flags (unless allowed).
+
+        Args:
+            checkpoint: The checkpoint about to be resumed.
+
+        Returns:
+            The accepted changes, `{field: (saved, new)}`.
+
+        Raises:
+            ValueError: If flags changed and `allow_changed_flags` is not set.
+        """
+        if run_directory.read_run_record(self.config.model_dir) is None:
+            logging.warning(
+                "%s has no %s (written by an older tfbn), so the flags of this resume "
+                "cannot be compared with the saved ones; it will be written now.",
+                self.config.model_dir,
+                run_directory.RUN_CONFIG_FILE,
+            )
+        changes = run_directory.check_resume_flags(self.config.model_dir, self.config, checkpoint)
+        if changes:
+            logging.warning(
+                "Resuming %s with changed flags (allow_changed_flags): %s.",
+                checkpoint,
+                run_directory.describe_changes(changes),
+            )
+        return changes
+
+    def record_start(
+        self,
+        search: checkpoint_files.CheckpointSearch,
+        resumed_step: int | None,
+        changes: dict[str, tuple],
+    ) -> None:
+        """Puts the run directory in order once every check of the start has passed.
+
+        Moves unreadable checkpoints newer than the resumed one aside (the
+        new trajectory would overwrite them), rewrites TensorFlow's state
+        file when it did not name the resumed checkpoint, writes flags.txt
+        and run_config.json, and drops the `metrics.jsonl` records of the
+        lost trajectory (after the resumed step).
+
+        Args:
+            search: What `checkpoint_files.find_checkpoints` found in `model_dir`.
+            resumed_step: The step resumed, or None for a fresh start.
+            changes: The flag changes accepted (`check_resume_flags`).
+        """
+        model_dir = self.config.model_dir
+        if search.unreadable:
+            aside = os.path.join(model_dir, UNREADABLE_DIR)
+            for prefix in search.unreadable:
+                checkpoint_files.set_aside(prefix, aside)
+            logging.warning(
+                "The newest checkpoint in %s is unreadable (%s); resumed from the previous "
+                "one, %s. The unreadable files were moved to %s.",
+                model_dir,
+                search.describe_unreadable(),
+                search.latest,
+                aside,
+            )
+        if search.latest is not None and search.state_problem:
+            checkpoint_files.write_state_file(search)
+            if not search.unreadable:
+                logging.warning(
+                    "%s; resumed from the newest readable checkpoint in its files, %s, "
+                    "and rewrote the state file.",
+                    search.state_problem,
+                    search.latest,
+                )
+        run_directory.record_start(model_dir, self.config, resumed_step, changes)
+        step = resumed_step or 0
+        summaries.truncate_metrics(
+            model_dir, step, keep_eval_at_step=step < self.config.train_steps
+        )
 
     def baseline(self, bn_layers, resumed: bool) -> report_lib.Snapshot:
         """The BN state the report compares with: saved after the restore, reloaded on resume.
@@ -153,9 +239,22 @@ class ChiefOutputs:
         """
         path = os.path.join(self.config.model_dir, BASELINE_FILE)
         if resumed and os.path.exists(path):
-            return report_lib.load_snapshot(path)
+            try:
+                return report_lib.load_snapshot(path)
+            except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
+                # It holds the state right after the first start's restore, which
+                # a resume cannot rebuild; only the user may give it up.
+                raise ValueError(
+                    f"The BN report baseline {path} in `model_dir` is unreadable "
+                    f"({type(error).__name__}: {error}). Restore it from a backup, or "
+                    "delete it to compare the BN report with the statistics at the "
+                    "resumed step instead of the start of the run."
+                ) from None
         values = report_lib.snapshot(bn_layers)
-        report_lib.save_snapshot(path, values)
+        # Written under a temporary name first: a crash never leaves half a baseline.
+        temporary = path + ".tmp.npz"
+        report_lib.save_snapshot(temporary, values)
+        os.replace(temporary, path)
         return values
 
     def logger(self) -> summaries.RunLogger:
@@ -187,14 +286,10 @@ class ChiefOutputs:
         """
         rows = report_lib.bn_report(plan, baseline)
         report_lib.write_report(os.path.join(self.config.model_dir, "bn_report.json"), rows)
-        violations = report_lib.frozen_stats_violations(rows)
         self.reporter.say(
             "BN report (changes since the restore):\n" + report_lib.format_table(rows)
         )
-        self.reporter.say(
-            "Frozen BN statistics bit-identical: "
-            + ("yes" if not violations else f"NO, changed: {violations}")
-        )
+        self.reporter.say(report_lib.verdict_line(rows))
         return rows
 
     def export(self, model: keras.Model) -> str | None:
@@ -229,8 +324,34 @@ class WorkerOutputs:
         self.save_dir = save_dir
         self.reporter = Reporter(0)
 
-    def write_flags(self) -> None:
-        """Writes nothing."""
+    def lock(self) -> None:
+        """Takes no lock: the chief holds the run directory's.
+
+        Returns:
+            None.
+        """
+
+    def check_resume_flags(self, checkpoint: str) -> dict:
+        """Checks nothing: the chief compares the flags.
+
+        Args:
+            checkpoint: Ignored.
+
+        Returns:
+            No changes.
+        """
+        del checkpoint
+        return {}
+
+    def record_start(self, search, resumed_step, changes) -> None:
+        """Writes nothing.
+
+        Args:
+            search: Ignored.
+            resumed_step: Ignored.
+            changes: Ignored.
+        """
+        del search, resumed_step, changes
 
     def baseline(self, bn_layers, resumed: bool) -> None:
         """Keeps no baseline (there is no report).

@@ -1,7 +1,10 @@
-"""Scope patterns: regexes `re.match`-ed against Keras variable paths.
+"""Scope patterns: regexes `re.match`-ed against nested variable paths.
 
 A pattern such as `backbone/` selects every path that starts with it
-(`backbone/conv1/kernel`): TF1's scope-prefix semantics. Every pattern must
+(`backbone/conv1/kernel`): TF1's scope-prefix semantics. The paths are the
+nested layer paths of `tfbn.layers.introspection.nested_variable_paths`
+(sub-model / layer / weight), which survive a `.keras` save and load; a flat
+model's paths are its layer names (`Conv_1/kernel`, `predictions/bias`). Every pattern must
 match at least one path, so a typo is an error that lists the known
 prefixes, never a silent no-op that freezes or trains the wrong part. The
 update plan (`update_part`, `freeze_part`) and the partial restore
@@ -10,8 +13,12 @@ update plan (`update_part`, `freeze_part`) and the partial restore
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Sequence
+
+# Prefixes quoted in an error at most; a large model has hundreds.
+MAX_QUOTED_PREFIXES = 30
 
 
 def known_prefixes(paths: Sequence[str], depth: int = 2) -> list[str]:
@@ -31,6 +38,28 @@ def known_prefixes(paths: Sequence[str], depth: int = 2) -> list[str]:
         for size in range(1, min(depth, len(parts) - 1) + 1):
             prefixes.add("/".join(parts[:size]) + "/")
     return sorted(prefixes) or sorted(paths)
+
+
+def describe_prefixes(paths: Sequence[str], near: str | None = None) -> str:
+    """The known prefixes for an error message: the closest to `near` first, at most 30.
+
+    Args:
+        paths: Variable paths.
+        near: A pattern that matched nothing; the prefixes most like it are
+            named first ("did you mean").
+
+    Returns:
+        The text, e.g. `['backbone/', 'head/']` or `['Conv_1/', ...] (and 80 more)`.
+    """
+    prefixes = known_prefixes(paths)
+    text = ""
+    if near:
+        close = difflib.get_close_matches(near, prefixes, n=3, cutoff=0.5)
+        if close:
+            text = f"closest: {close}; "
+    shown = prefixes[:MAX_QUOTED_PREFIXES]
+    more = len(prefixes) - len(shown)
+    return text + f"{shown}" + (f" (and {more} more)" if more else "")
 
 
 def matching(paths: Sequence[str], patterns: Sequence[str], argument: str) -> list[str]:
@@ -53,8 +82,9 @@ def matching(paths: Sequence[str], patterns: Sequence[str], argument: str) -> li
         if not any(re.match(pattern, path) for path in paths):
             raise ValueError(
                 f"`{argument}` pattern {pattern!r} matches no variable. Patterns are "
-                "re.match-ed against the start of Keras variable paths; known "
-                f"prefixes: {known_prefixes(paths)}. Fix the pattern or drop it."
+                "re.match-ed against the start of nested variable paths (sub-model/"
+                f"layer/weight; `dry_run` lists them); known prefixes: "
+                f"{describe_prefixes(paths, pattern)}. Fix the pattern or drop it."
             )
     return [path for path in paths if any(re.match(p, path) for p in patterns)]
 

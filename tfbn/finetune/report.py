@@ -24,7 +24,13 @@ FROZEN_STAT_MODES = (BNMode.INFERENCE, BNMode.BATCH)
 
 
 def snapshot(bn_layers) -> Snapshot:
-    """Copies of every BN layer's gamma, beta and moving statistics, by layer path.
+    """Copies of every BN layer's gamma, beta and moving statistics, by Keras layer path.
+
+    The keys only need to be the same for the same model object (and for the
+    same model rebuilt by a resumed run); the report rows name layers by
+    their nested path instead. Layers of a loaded model can share a Keras
+    path (`bn` inside two sub-models); repeats get `#2`, `#3`, ... in layer
+    order (`snapshot_keys`).
 
     Args:
         bn_layers: The BN layers.
@@ -33,13 +39,32 @@ def snapshot(bn_layers) -> Snapshot:
         `{layer path: {variable name: value}}`, with every statistic of
         `introspection.statistic_variables`.
     """
+    bn_layers = list(bn_layers)
     return {
-        layer.path: {
+        key: {
             name: np.array(variable.numpy())
             for name, variable in introspection.state_variables(layer).items()
         }
-        for layer in bn_layers
+        for key, layer in zip(snapshot_keys(bn_layers), bn_layers)
     }
+
+
+def snapshot_keys(bn_layers) -> list[str]:
+    """The snapshot key of each layer: its Keras path, with `#n` on the n-th repeat.
+
+    Args:
+        bn_layers: The BN layers, in the order they are snapshot and reported.
+
+    Returns:
+        One key per layer.
+    """
+    seen: dict[str, int] = {}
+    keys = []
+    for layer in bn_layers:
+        path = layer.path or layer.name
+        seen[path] = seen.get(path, 0) + 1
+        keys.append(path if seen[path] == 1 else f"{path}#{seen[path]}")
+    return keys
 
 
 def save_snapshot(path: str, values: Snapshot) -> None:
@@ -87,8 +112,9 @@ def bn_report(plan: UpdatePlan, baseline: Snapshot) -> list[dict]:
         `max_abs_change` (per variable name), and `stats_bit_identical`.
     """
     rows = []
-    for layer, mode in plan.bn_modes:
-        before = baseline.get(layer.path, {})
+    keys = snapshot_keys([layer for layer, _ in plan.bn_modes])
+    for key, (layer, mode) in zip(keys, plan.bn_modes):
+        before = baseline.get(key, {})
         changes = {}
         identical = True
         for name, variable in introspection.state_variables(layer).items():
@@ -101,7 +127,7 @@ def bn_report(plan: UpdatePlan, baseline: Snapshot) -> list[dict]:
                 identical = identical and np.array_equal(now, before[name])
         rows.append(
             {
-                "path": layer.path,
+                "path": plan.path(layer),
                 "type": type(layer).__module__.split(".")[0] + "." + type(layer).__name__,
                 "in_update_set": mode is BNMode.TRAIN,
                 "mode": str(mode),
@@ -126,6 +152,47 @@ def frozen_stats_violations(rows: list[dict]) -> list[str]:
         for row in rows
         if row["mode"] in FROZEN_STAT_MODES and not row["stats_bit_identical"]
     ]
+
+
+def frozen_stats_verdict(rows: list[dict]) -> str:
+    """The one-line verdict on frozen statistics: `yes`, `NO, changed: [...]` or `n/a (why)`.
+
+    Only layers in a frozen-statistics mode (`inference`, `batch`) promise
+    bit-identical statistics. When there is none (everything trains, or every
+    frozen layer is in `adapt` mode, which updates its statistics on purpose)
+    there is nothing to verify, and "yes" would claim a check that did not
+    happen.
+
+    Args:
+        rows: The report rows.
+
+    Returns:
+        The verdict, without the leading "Frozen BN statistics bit-identical: ".
+    """
+    checked = [row for row in rows if row["mode"] in FROZEN_STAT_MODES]
+    if not checked:
+        trained = sum(row["mode"] == BNMode.TRAIN.value for row in rows)
+        adapted = sum(row["mode"] == BNMode.ADAPT.value for row in rows)
+        return (
+            f"n/a (no BN layer has frozen statistics: {trained} in the update set, "
+            f"{adapted} in adapt mode, whose statistics update on purpose)"
+        )
+    violations = frozen_stats_violations(rows)
+    if violations:
+        return f"NO, changed: {violations}"
+    return f"yes ({len(checked)} layer{'' if len(checked) == 1 else 's'} checked)"
+
+
+def verdict_line(rows: list[dict]) -> str:
+    """`Frozen BN statistics bit-identical: <verdict>`, the report's last console line.
+
+    Args:
+        rows: The report rows.
+
+    Returns:
+        The line.
+    """
+    return "Frozen BN statistics bit-identical: " + frozen_stats_verdict(rows)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -163,7 +230,11 @@ def write_report(path: str, rows: list[dict]) -> None:
     violations = frozen_stats_violations(rows)
     payload = {
         "layers": rows,
+        # True also when no layer has frozen statistics (nothing to violate);
+        # the verdict says "n/a" then, and `frozen_statistics_checked` is 0.
         "frozen_statistics_bit_identical": not violations,
+        "frozen_statistics_checked": sum(row["mode"] in FROZEN_STAT_MODES for row in rows),
+        "frozen_statistics_verdict": frozen_stats_verdict(rows),
         "violations": violations,
     }
     with open(path, "w") as stream:

@@ -3,7 +3,9 @@
 Scalars (loss, accuracy, learning rate, steps/sec, skipped steps) go to
 `<model_dir>/train` and `<model_dir>/eval`; each BN layer's moving mean and
 variance go in as histograms, so drifting "frozen" statistics are visible.
-Every logged record is also one JSON line in `<model_dir>/metrics.jsonl`.
+Every logged record is also one JSON line in `<model_dir>/metrics.jsonl`;
+`truncate_metrics` drops the records of a lost trajectory when a run resumes,
+so the file holds one value per step and split.
 
 The events are written with the low-level `tf.summary.write` and the
 TensorBoard plugin metadata, so logging needs no `tensorboard` install;
@@ -17,8 +19,12 @@ import os
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 from tensorflow.core.framework import summary_pb2
 
+from tfbn.finetune import run_directory
+
+METRICS_FILE = "metrics.jsonl"
 _HISTOGRAM_BUCKETS = 30
 
 
@@ -50,6 +56,52 @@ def histogram_buckets(values, bucket_count: int = _HISTOGRAM_BUCKETS) -> np.ndar
     return np.stack([edges[:-1], edges[1:], counts.astype(np.float64)], axis=1)
 
 
+def truncate_metrics(model_dir: str, step: int, keep_eval_at_step: bool = True) -> int:
+    """Drops the `metrics.jsonl` records logged after `step`, rewriting the file atomically.
+
+    A resumed run restarts at its checkpoint's step: records past it belong to
+    the trajectory that was lost (the steps after the last checkpoint) and
+    would otherwise stand next to the new run's records for the same steps.
+    A line cut short by a crash is dropped too.
+
+    Args:
+        model_dir: The run directory.
+        step: The step resumed (0 for a fresh start).
+        keep_eval_at_step: Keep the eval records at `step` itself; pass False
+            when the run evaluates at `step` again (it resumed at its end).
+
+    Returns:
+        The number of lines dropped.
+    """
+    path = os.path.join(model_dir, METRICS_FILE)
+    if not os.path.exists(path):
+        return 0
+    with open(path) as stream:
+        lines = stream.read().splitlines()
+    kept, unreadable = [], 0
+    for line in lines:
+        try:
+            record = json.loads(line)
+            record_step, split = int(record["step"]), record["split"]
+        except (ValueError, KeyError, TypeError):
+            unreadable += 1
+            continue
+        if record_step < step or (record_step == step and (keep_eval_at_step or split != "eval")):
+            kept.append(line)
+    dropped = len(lines) - len(kept)
+    if dropped:
+        run_directory.write_text_atomically(path, "".join(line + "\n" for line in kept))
+        logging.warning(
+            "%s: dropped %d records after step %d (the run restarts there; they came "
+            "from a run lost after its last checkpoint)%s.",
+            path,
+            dropped - unreadable,
+            step,
+            f" and {unreadable} unreadable lines" if unreadable else "",
+        )
+    return dropped
+
+
 class RunLogger:
     """Writes one run's TensorBoard events and JSON lines.
 
@@ -63,7 +115,7 @@ class RunLogger:
             for split in ("train", "eval")
         }
         # Open for the logger's lifetime; `close` closes it.
-        self._jsonl = open(os.path.join(model_dir, "metrics.jsonl"), "a")  # noqa: SIM115
+        self._jsonl = open(os.path.join(model_dir, METRICS_FILE), "a")  # noqa: SIM115
 
     def scalars(self, split: str, step: int, metrics: dict[str, float]) -> None:
         """Logs scalar metrics of `split` at `step`.

@@ -16,6 +16,7 @@ the rest of the code does not ask who it is.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 
@@ -26,10 +27,22 @@ import tensorflow as tf
 from tfbn import data as data_lib
 from tfbn import models as models_lib
 from tfbn.finetune import checkpoint as checkpoint_lib
-from tfbn.finetune import distribution, optimizers, patterns, train_step
+from tfbn.finetune import (
+    checkpoint_files,
+    distribution,
+    optimizers,
+    partial_restore,
+    patterns,
+    train_step,
+)
 from tfbn.finetune.config import TrainConfig
 from tfbn.finetune.outputs import ChiefOutputs, Reporter, WorkerOutputs
-from tfbn.finetune.update_plan import BNMode, UpdatePlan, plan_update
+from tfbn.finetune.update_plan import UpdatePlan, plan_update
+from tfbn.layers import introspection
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Too many consecutive steps were skipped because they were not finite."""
 
 
 @dataclasses.dataclass
@@ -52,7 +65,7 @@ class TrainResult:
     global_step: int
     skipped_steps: int
     resumed_from: str | None = None
-    restore_report: checkpoint_lib.RestoreReport | None = None
+    restore_report: partial_restore.RestoreReport | None = None
     eval_metrics: dict | None = None
     bn_rows: list[dict] | None = None
 
@@ -72,15 +85,8 @@ def describe_sets(plan: UpdatePlan, restore_selected=None, restore_source=None) 
     if restore_selected is not None:
         lines.append(f"Restore set ({len(restore_selected)} variables from {restore_source}):")
         lines += [f"  {path}" for path in restore_selected]
-    lines.append(f"Update set ({len(plan.update_variables)} trainable variables):")
-    lines += [f"  {v.path}" for v in plan.update_variables]
-    lines.append(f"Frozen ({len(plan.frozen_variables)} variables kept bit-identical):")
-    lines += [f"  {v.path}" for v in plan.frozen_variables]
-    lines.append(f"BN layers ({len(plan.bn_modes)}):")
-    lines += [
-        f"  {layer.path}: {'in update set' if mode is BNMode.TRAIN else 'frozen'}, mode={mode}"
-        for layer, mode in plan.bn_modes
-    ]
+    # The update, frozen and BN sets, by the nested paths the patterns matched.
+    lines.append(plan.describe())
     return "\n".join(lines)
 
 
@@ -104,9 +110,11 @@ class Trainer:
         strategy: The `tf.distribute.Strategy`.
         outputs: `ChiefOutputs` on the chief, `WorkerOutputs` elsewhere.
         reporter: The console channel (`outputs.reporter`).
-        model, plan, optimizer, step, checkpoint, manager: Built by
-            `initialize` (`step` is a `train_step.TrainStep` holding the
-            global and skipped step counters).
+        model, plan, optimizer, step, checkpoint: Built by `initialize`
+            (`step` is a `train_step.TrainStep` holding the global and
+            skipped step counters).
+        manager: The `tf.train.CheckpointManager` of `model_dir`, created
+            by `train` once the resume or restore has been checked.
         result: The `TrainResult` being filled.
 
     Raises:
@@ -138,6 +146,7 @@ class Trainer:
         self.manager = None
         self.result = None
         self._baseline = None
+        self._lock_held = False
 
     # --------------------------------------------------------------- setup
 
@@ -153,20 +162,23 @@ class Trainer:
         config = self.config
         keras.utils.set_random_seed(config.seed)
         tf.config.experimental.enable_op_determinism()
+        # A saved `.keras` model decides the image size: the images are resized to its input.
+        image_size = models_lib.input_image_size(config.model, config.image_size)
         self.train_split = data_lib.load_split(
-            config.dataset, config.train_split, config.image_size, config.data_dir
+            config.dataset, config.train_split, image_size, config.data_dir
         )
         eval_name = data_lib.resolve_eval_split(config.dataset, config.eval_split, config.data_dir)
         self.eval_split = data_lib.load_split(
-            config.dataset, eval_name, config.image_size, config.data_dir
+            config.dataset, eval_name, image_size, config.data_dir
         )
         with self.strategy.scope():
             self.model = models_lib.build_model(
                 config.model,
                 self.train_split.num_classes,
-                self.train_split.images.shape[1:],
+                self.train_split.image_shape,
                 bn_momentum=config.bn_momentum,
                 bn_epsilon=config.bn_epsilon,
+                dataset=config.dataset,
             )
             if config.sync_bn:
                 distribution.synchronize_batch_norm(self.model)
@@ -185,11 +197,10 @@ class Trainer:
         self.checkpoint = checkpoint_lib.make_checkpoint(
             self.model, self.optimizer, self.step.global_step, self.step.skipped_steps
         )
-        # Every worker resumes from the chief's checkpoints (this manager);
-        # each saves through its outputs (`save_checkpoint`).
-        self.manager = tf.train.CheckpointManager(
-            self.checkpoint, config.model_dir, max_to_keep=config.max_to_keep
-        )
+        # Every worker resumes from the chief's checkpoints in `model_dir`; the
+        # manager that saves them is created once the start has been checked
+        # (`_restore`), and each worker saves through its outputs.
+        self.manager = None
         self.result = TrainResult(self.model, self.plan, 0, 0)
 
     def describe(self) -> str:
@@ -205,30 +216,80 @@ class Trainer:
         """
         selected = source = None
         if self.config.init_checkpoint:
-            source = checkpoint_lib.resolve_checkpoint_path(self.config.init_checkpoint)
-            selected = checkpoint_lib.plan_restore(
-                [v.path for v in self.model.variables],
-                checkpoint_lib.read_model_variables(source),
+            source, values = partial_restore.read_restore_source(
+                self.config.init_checkpoint, self.model
+            )
+            selected = partial_restore.plan_restore(
+                list(introspection.nested_variable_paths(self.model)),
+                values,
                 self.config.restore_part,
                 self.config.restore_exclude,
             )
-        return describe_sets(self.plan, selected, source)
+        text = describe_sets(self.plan, selected, source)
+        if models_lib.is_model_file(self.config.model):
+            size = self.train_split.image_shape[0]
+            text = (
+                f"Model {self.config.model}: architecture and weights from the file; images "
+                f"resized to {size}x{size}, its input size.\n" + text
+            )
+        return text
 
     def _restore(self) -> None:
-        """Resumes from `model_dir`, else restores `init_checkpoint` partially."""
+        """Resumes from `model_dir`, else restores `init_checkpoint` partially.
+
+        Every check (a readable checkpoint, unchanged trajectory flags, a
+        matching checkpoint, a readable BN baseline) passes before the run
+        directory is written to (`outputs.record_start`).
+        """
         config, result = self.config, self.result
-        result.resumed_from = checkpoint_lib.resume(self.checkpoint, self.manager)
-        if result.resumed_from:
+        search = checkpoint_files.find_checkpoints(config.model_dir)
+        if search.latest is None and search.unreadable:
+            raise ValueError(
+                f"`model_dir` {config.model_dir} holds checkpoints but none is readable: "
+                f"{search.describe_unreadable()}. Restore the files from a backup, move "
+                "them out of the directory to start this run over, or pass another "
+                "`model_dir`."
+            )
+        changes = {}
+        if search.latest is not None:
+            changes = self.outputs.check_resume_flags(search.latest)
+            result.resumed_from = checkpoint_lib.resume(self.checkpoint, search.latest)
             self.reporter.say(
                 f"Resumed from {result.resumed_from} at step {int(self.step.global_step.numpy())}."
             )
         elif config.init_checkpoint:
-            result.restore_report = checkpoint_lib.restore_partial(
+            result.restore_report = partial_restore.restore_partial(
                 self.model, config.init_checkpoint, config.restore_part, config.restore_exclude
             )
             self.reporter.say(result.restore_report.summary())
         bn_layers = [layer for layer, _ in self.plan.bn_modes]
         self._baseline = self.outputs.baseline(bn_layers, resumed=bool(result.resumed_from))
+        resumed_step = int(self.step.global_step.numpy()) if result.resumed_from else None
+        self.outputs.record_start(search, resumed_step, changes)
+        # Created over the repaired state file, so it counts the checkpoints
+        # found in `max_to_keep` and never renumbers over them.
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint, config.model_dir, max_to_keep=config.max_to_keep
+        )
+
+    @contextlib.contextmanager
+    def _run_directory_locked(self):
+        """Holds the run directory's lock (the chief's) for the enclosed work.
+
+        Re-entrant: `run` holds it across `train`, `write_report` and
+        `export`; `train` called alone holds it while it trains.
+        """
+        if self._lock_held:
+            yield
+            return
+        lock = self.outputs.lock()
+        self._lock_held = True
+        try:
+            yield
+        finally:
+            self._lock_held = False
+            if lock is not None:
+                lock.release()
 
     # ------------------------------------------------------------ training
 
@@ -242,20 +303,26 @@ class Trainer:
             The `TrainResult` so far (`bn_rows` is filled by `write_report`).
 
         Raises:
-            ValueError: If the checkpoint to resume does not match this run,
-                or the partial restore does not fit the model.
+            ValueError: If the checkpoint to resume does not match this run
+                (or its flags changed without `allow_changed_flags`), no
+                checkpoint in `model_dir` is readable, or the partial
+                restore does not fit the model.
+            run_directory.RunDirectoryInUseError: If another run holds
+                `model_dir` (a `ValueError` too).
         """
+        with self._run_directory_locked():
+            return self._train()
+
+    def _train(self) -> TrainResult:
         if self.model is None:
             self.initialize()
-        tf.io.gfile.makedirs(self.config.model_dir)
-        self.outputs.write_flags()
         self._restore()
         plan, strategy = self.plan, self.strategy
         self.reporter.say(
             f"Training {len(plan.update_variables)} variables under "
-            f"{patterns.known_prefixes([v.path for v in plan.update_variables], depth=1)}; "
+            f"{patterns.known_prefixes([plan.path(v) for v in plan.update_variables], depth=1)}; "
             "BN modes: "
-            + ", ".join(f"{layer.path}={mode}" for layer, mode in plan.bn_modes)
+            + ", ".join(f"{plan.path(layer)}={mode}" for layer, mode in plan.bn_modes)
             + f"; {strategy.num_replicas_in_sync} replica(s) in sync"
             + (", synchronized BN" if self.config.sync_bn else "")
         )
@@ -278,22 +345,31 @@ class Trainer:
         config, step_counter = self.config, self.step.global_step
         start = int(step_counter.numpy())
         batches = data_lib.train_batches(
-            self.train_split, config.batch_size, config.seed, start, config.train_steps
+            self.train_split,
+            config.batch_size,
+            config.seed,
+            start,
+            config.train_steps,
+            rows=_local_rows(self.strategy, config.batch_size),
         )
         self.reporter.start_progress(config.train_steps)
         window = _MetricsWindow()
+        streak = _SkipStreak(config.max_consecutive_skipped_steps)
         last_saved = None
         for images, labels in batches:
             outputs = self.step(*distribution.distribute_batch(self.strategy, images, labels))
             step = int(step_counter.numpy())
             if bool(outputs["applied"]):
                 window.add(float(outputs["loss"]), float(outputs["accuracy"]))
+                streak.add(step, applied=True)
             else:
                 window.add(None, None)
                 self.reporter.say(
                     f"step {step}: non-finite loss or gradients; step skipped (no gradients, "
                     f"no BN updates); skipped so far: {int(self.step.skipped_steps.numpy())}."
                 )
+                # Every worker sees the same verdict, so all of them stop here together.
+                streak.add(step, applied=False, learning_rate=config.learning_rate)
             if step % config.summary_interval == 0 or step == config.train_steps:
                 metrics = window.flush()
                 metrics["learning_rate"] = float(
@@ -359,14 +435,79 @@ class Trainer:
         Returns:
             The `TrainResult`. On a non-chief worker `bn_rows` is None.
         """
-        self.initialize()
         if self.config.dry_run:
+            self.initialize()
             self.reporter.always(self.describe())
             return self.result
-        self.train()
-        self.write_report()
-        self.export()
+        # Locked first: a second run on the same directory stops at once.
+        with self._run_directory_locked():
+            self.initialize()
+            self.train()
+            self.write_report()
+            self.export()
         return self.result
+
+
+class _SkipStreak:
+    """Counts consecutive skipped steps and stops a run that keeps skipping.
+
+    A skipped step changes no weight, so a run whose steps are all skipped
+    would otherwise "finish" with the model it started from and exit 0.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.length = 0
+        self.first_step = None
+
+    def add(self, step: int, applied: bool, learning_rate: float | None = None) -> None:
+        """Records one step's verdict.
+
+        Raises:
+            NonFiniteTrainingError: When `limit` (> 0) steps in a row were skipped.
+        """
+        if applied:
+            self.length, self.first_step = 0, None
+            return
+        self.length += 1
+        if self.first_step is None:
+            self.first_step = step
+        if self.limit and self.length >= self.limit:
+            raise NonFiniteTrainingError(
+                f"{self.length} consecutive steps (steps {self.first_step} to {step}) were "
+                "skipped because the loss or a gradient was not finite, so training "
+                "changes nothing any more: the model has diverged or the data holds "
+                f"NaN/inf values. Lower `learning_rate` (now {learning_rate!r}), check "
+                "the input data, or raise `max_consecutive_skipped_steps` (now "
+                f"{self.limit}; 0 never stops). Checkpoints already written are kept."
+            )
+
+
+def _local_rows(strategy: tf.distribute.Strategy, batch_size: int) -> tuple[int, int] | None:
+    """The rows of each global batch that this worker's replicas train on.
+
+    `distribution.distribute_batch` gives replica `r` rows
+    `[r * per_replica, (r + 1) * per_replica)`; a multi-worker worker holds
+    consecutive replicas, so it reads only their rows (its shard) and
+    never decodes the other workers' images.
+
+    Args:
+        strategy: The run's strategy.
+        batch_size: The global batch.
+
+    Returns:
+        `(begin, end)`, or None when this process holds every replica.
+    """
+    ids = strategy.experimental_local_results(
+        strategy.experimental_distribute_values_from_function(
+            lambda context: context.replica_id_in_sync_group
+        )
+    )
+    ids = sorted(int(replica) for replica in ids)
+    if len(ids) == strategy.num_replicas_in_sync or ids != list(range(ids[0], ids[-1] + 1)):
+        return None
+    per_replica = batch_size // strategy.num_replicas_in_sync
+    return ids[0] * per_replica, (ids[-1] + 1) * per_replica
 
 
 class _MetricsWindow:

@@ -3,7 +3,13 @@
 `plan_update` splits a built model into the update set (variables that
 receive gradients) and the frozen rest, using the scope patterns of
 `tfbn.finetune.patterns`, and gives every BN layer a `BNMode`. The train
-step (`tfbn.finetune.train_step`) carries the plan out.
+step (`tfbn.finetune.train_step`) and `tfbn.partial_finetune` (for
+`model.fit`) carry the plan out.
+
+Patterns match nested layer paths (`backbone/bn1/gamma`: sub-model, layer,
+weight; `introspection.nested_variable_paths`), which are the same in a
+built model and in the model loaded back from its `.keras` file, unlike
+`variable.path` (which keeps the name scopes of the build only).
 """
 
 from __future__ import annotations
@@ -75,9 +81,12 @@ def batch_norm_layers(model: keras.Model) -> list[keras.layers.Layer]:
         model: A Keras model.
 
     Returns:
-        The layers, in layer order.
+        The layers, depth first in layer order (`backbone/bn1` before
+        `backbone/bn2`; Keras' own flattening reverses nested layers).
     """
-    return [layer for layer in introspection.batch_norm_layers(model) if layer.built]
+    order = {key: index for index, key in enumerate(introspection.nested_layer_paths(model))}
+    layers = [layer for layer in introspection.batch_norm_layers(model) if layer.built]
+    return sorted(layers, key=lambda layer: order.get(id(layer), len(order)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +105,53 @@ class UpdatePlan:
     update_variables: tuple[object, ...]
     frozen_variables: tuple[object, ...]
     bn_modes: tuple[tuple[object, BNMode], ...]
+    paths: dict[int, str] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    def path(self, item) -> str:
+        """The nested path that patterns matched for a variable or layer of the plan.
+
+        Args:
+            item: A variable or a BN layer of the model.
+
+        Returns:
+            Its nested path (`backbone/bn1/gamma`, `backbone/bn1`); its Keras
+            `path` when the plan does not know it.
+        """
+        return self.paths.get(id(item)) or getattr(item, "path", None) or item.name
+
+    def layer_paths(self) -> list[str]:
+        """The nested paths of the plan's BN layers, in layer order.
+
+        Returns:
+            The paths.
+        """
+        return [self.path(layer) for layer, _ in self.bn_modes]
+
+    def describe(self) -> str:
+        """The update, frozen and BN sets, one path a line (what a dry run prints).
+
+        Returns:
+            The text.
+        """
+        lines = [
+            "Patterns (update_part, freeze_part, restore_part, restore_exclude) are "
+            "re.match-ed against these nested layer paths (sub-model/layer/weight), "
+            "which stay the same when the model is saved and loaded.",
+            f"Update set ({len(self.update_variables)} trainable variables):",
+        ]
+        lines += [f"  {self.path(v)}" for v in self.update_variables]
+        lines.append(f"Frozen ({len(self.frozen_variables)} variables kept bit-identical):")
+        lines += [f"  {self.path(v)}" for v in self.frozen_variables]
+        lines.append(f"BN layers ({len(self.bn_modes)}):")
+        lines += [
+            f"  {self.path(layer)}: "
+            f"{'in update set' if mode is BNMode.TRAIN else 'frozen'}, mode={mode}"
+            for layer, mode in self.bn_modes
+        ]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.describe()
 
     def layers_in(self, modes: Iterable[BNMode]) -> list[keras.layers.Layer]:
         """The BN layers whose mode is one of `modes`, in layer order.
@@ -156,25 +212,26 @@ def plan_update(
             f"Model {model.name!r} has no variables; build it (call it once) before "
             "planning the update set."
         )
-    by_path = {variable.path: variable for variable in variables}
+    by_path = introspection.nested_variable_paths(model)
+    path_of = {id(variable): path for path, variable in by_path.items()}
     selected = set(
         patterns.select(list(by_path), update_part, freeze_part, "update_part", "freeze_part")
     )
     bn_layers = batch_norm_layers(model)
     if freeze_batchnorm:
         for layer in bn_layers:
-            selected -= {variable.path for variable in layer.variables}
+            selected -= {path_of[id(variable)] for variable in layer.variables}
     bn_modes = []
     for layer in bn_layers:
         if not layer.trainable:
             # Frozen by the model itself: Keras' rule, inference mode.
             bn_modes.append((layer, BNMode.INFERENCE))
-        elif layer.moving_mean.path in selected:
+        elif path_of[id(layer.moving_mean)] in selected:
             bn_modes.append((layer, BNMode.TRAIN))
         else:
             bn_modes.append((layer, frozen_mode))
     update_variables = tuple(
-        variable for variable in model.trainable_variables if variable.path in selected
+        variable for variable in model.trainable_variables if path_of.get(id(variable)) in selected
     )
     if not update_variables:
         raise ValueError(
@@ -191,7 +248,9 @@ def plan_update(
     }
     changing = moving | {id(variable) for variable in update_variables}
     frozen = tuple(variable for variable in variables if id(variable) not in changing)
-    return UpdatePlan(update_variables, frozen, tuple(bn_modes))
+    paths = dict(path_of)
+    paths.update(introspection.nested_layer_paths(model))
+    return UpdatePlan(update_variables, frozen, tuple(bn_modes), paths)
 
 
 def _frozen_mode(value: str | BNMode) -> BNMode:

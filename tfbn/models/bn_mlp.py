@@ -5,6 +5,7 @@ from __future__ import annotations
 import keras
 
 from tfbn.layers.batch_normalization import BatchNormalization
+from tfbn.models.parts import PartsModel, build_part
 
 
 def bn_mlp(
@@ -26,20 +27,27 @@ def bn_mlp(
             (momentum, renorm, virtual_batch_size, ...).
 
     Returns:
-        A functional `keras.Model` named `bn_mlp`.
+        A `PartsModel` named `bn_mlp` made of the nested sub-models
+        `backbone` and `head`.
     """
     bn_kwargs = bn_kwargs or {}
-    inputs = keras.Input(input_shape, name="inputs")
-    x = keras.layers.Flatten(name="flatten")(inputs)
-    with keras.name_scope("backbone"):
+
+    def backbone(x):
         for index, units in enumerate(widths, start=1):
             x = keras.layers.Dense(units, use_bias=False, name=f"dense{index}")(x)
             x = BatchNormalization(name=f"bn{index}", **bn_kwargs)(x)
             x = keras.layers.ReLU(name=f"relu{index}")(x)
-    with keras.name_scope("head"):
+        return x
+
+    def head(x):
         if head_width is not None:
             x = keras.layers.Dense(head_width, use_bias=False, name="fc")(x)
             x = BatchNormalization(name="fc_bn", **bn_kwargs)(x)
             x = keras.layers.ReLU(name="fc_relu")(x)
-        logits = keras.layers.Dense(num_classes, name="logits")(x)
-    return keras.Model(inputs, logits, name="bn_mlp")
+        return keras.layers.Dense(num_classes, name="logits")(x)
+
+    inputs = keras.Input(input_shape, name="inputs")
+    features = keras.layers.Flatten(name="flatten")(inputs)
+    backbone_part = build_part("backbone", features.shape[1:], backbone)
+    head_part = build_part("head", backbone_part.output.shape[1:], head)
+    return PartsModel(inputs, head_part(backbone_part(features)), name="bn_mlp")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import keras
 
 from tfbn.layers.batch_normalization import BatchNormalization
+from tfbn.models.parts import PartsModel, build_part
 
 
 def conv_bn_relu(x, filters: int, kernel_size: int, name: str, strides: int = 1):
@@ -62,19 +63,24 @@ def inception_bn(num_classes: int, input_shape=(32, 32, 3)) -> keras.Model:
         input_shape: `(height, width, channels)`.
 
     Returns:
-        A functional `keras.Model` named `inception_bn` with parts
-        `backbone/` and `head/`.
+        A `PartsModel` named `inception_bn` made of the nested sub-models
+        `backbone` and `head`.
     """
-    inputs = keras.Input(input_shape, name="images")
-    with keras.name_scope("backbone"):
-        x = conv_bn_relu(inputs, 32, 3, "stem")
+
+    def backbone(x):
+        x = conv_bn_relu(x, 32, 3, "stem")
         x = inception_block(x, (16, 16, 24, 8, 12, 8), "inception3a")
         x = inception_block(x, (24, 24, 32, 8, 16, 16), "inception3b")
         x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="pool3")(x)
         x = inception_block(x, (32, 24, 40, 8, 16, 16), "inception4a")
-        x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="pool4")(x)
-    with keras.name_scope("head"):
+        return keras.layers.MaxPooling2D(3, strides=2, padding="same", name="pool4")(x)
+
+    def head(x):
         x = conv_bn_relu(x, 64, 1, "proj")
         x = keras.layers.GlobalAveragePooling2D(name="avgpool")(x)
-        logits = keras.layers.Dense(num_classes, name="logits")(x)
-    return keras.Model(inputs, logits, name="inception_bn")
+        return keras.layers.Dense(num_classes, name="logits")(x)
+
+    inputs = keras.Input(input_shape, name="images")
+    backbone_part = build_part("backbone", input_shape, backbone)
+    head_part = build_part("head", backbone_part.output.shape[1:], head)
+    return PartsModel(inputs, head_part(backbone_part(inputs)), name="inception_bn")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import keras
 
 from tfbn.layers.batch_normalization import BatchNormalization
+from tfbn.models.parts import PartsModel, build_part
 
 
 def conv_bn_leaky(x, filters: int, kernel_size: int, name: str):
@@ -39,17 +40,22 @@ def tiny_darknet(num_classes: int, input_shape=(32, 32, 3), widths=(16, 32, 64))
         widths: Filters of the backbone's blocks; each block halves the size.
 
     Returns:
-        A functional `keras.Model` named `tiny_darknet` whose variables live
-        under `backbone/` and `head/`.
+        A `PartsModel` named `tiny_darknet` made of the nested sub-models
+        `backbone` and `head` (variable paths `backbone/...`, `head/...`).
     """
-    inputs = keras.Input(input_shape, name="images")
-    x = inputs
-    with keras.name_scope("backbone"):
+
+    def backbone(x):
         for index, filters in enumerate(widths, start=1):
             x = conv_bn_leaky(x, filters, 3, str(index))
             x = keras.layers.MaxPooling2D(2, name=f"pool{index}")(x)
-    with keras.name_scope("head"):
+        return x
+
+    def head(x):
         x = conv_bn_leaky(x, widths[-1], 1, "_head")
         x = keras.layers.Conv2D(num_classes, 1, name="logits_conv")(x)
-        logits = keras.layers.GlobalAveragePooling2D(name="logits")(x)
-    return keras.Model(inputs, logits, name="tiny_darknet")
+        return keras.layers.GlobalAveragePooling2D(name="logits")(x)
+
+    inputs = keras.Input(input_shape, name="images")
+    backbone_part = build_part("backbone", input_shape, backbone)
+    head_part = build_part("head", backbone_part.output.shape[1:], head)
+    return PartsModel(inputs, head_part(backbone_part(inputs)), name="tiny_darknet")

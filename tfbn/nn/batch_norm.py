@@ -280,7 +280,8 @@ def training(
         outputs, mean, variance, count = fused.batch_norm_training(
             fused.to_kernel_rank(x, expand_axis), gamma, beta, epsilon, data_format
         )
-        outputs = tf.reshape(outputs, tf.shape(x))
+        if expand_axis is not None:
+            outputs = tf.reshape(outputs, tf.shape(x))
         count = tf.fill(shape, count)
         values = count
     else:

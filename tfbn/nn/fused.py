@@ -124,8 +124,6 @@ def batch_norm_training(
     """
     rank = x.shape.rank
     axes = _reduction_axes(data_format, rank)
-    shift = tf.reshape(moments_lib.first_sample(x, axes), [-1])
-    broadcast_shift = _broadcast_channels(shift, data_format, rank)
 
     @tf.custom_gradient
     def normalize(x, scale, offset):
@@ -133,18 +131,25 @@ def batch_norm_training(
         needs_shift = _ill_conditioned(fast.batch_mean, fast.batch_variance)
 
         def shifted():
-            out = _run_kernel(x - broadcast_shift, scale, offset, epsilon, data_format)
+            # Only ill-conditioned batches pay for the shift and its pass.
+            shift = tf.reshape(moments_lib.first_sample(x, axes), [-1])
+            shifted_x = x - _broadcast_channels(shift, data_format, rank)
+            out = _run_kernel(shifted_x, scale, offset, epsilon, data_format)
             mean = out.batch_mean + tf.cast(shift, tf.float32)
-            return (out.y, mean) + tuple(out[2:])
+            return (out.y, mean, *out[2:], shifted_x)
 
-        y, mean, variance, *reserve = tf.cond(needs_shift, shifted, lambda: tuple(fast))
+        def unshifted():
+            return (*fast, x)
+
+        # The gradient kernel must see the input its forward kernel saw, so
+        # the one conditional also returns that input (x itself, not a copy,
+        # on the fast path) and the backward needs no conditional of its own.
+        y, mean, variance, *reserve, kernel_input = tf.cond(needs_shift, shifted, unshifted)
 
         def grad(dy, *unused_statistics_grads):
-            # The gradient kernel must see the input its forward kernel saw.
-            normalized_input = tf.cond(needs_shift, lambda: x - broadcast_shift, lambda: x)
             dx, dscale, doffset = tf.raw_ops.FusedBatchNormGradV3(
                 y_backprop=dy,
-                x=normalized_input,
+                x=kernel_input,
                 scale=scale,
                 reserve_space_1=reserve[0],
                 reserve_space_2=reserve[1],

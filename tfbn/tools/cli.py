@@ -9,9 +9,16 @@
 `--data-key` (default: its only array); it is cut into `--batch-size` batches.
 
 User errors (a missing or invalid file, data whose shape the model cannot
-take, a bad option value) end the command with one line on stderr,
-`tfbn-tools: error: ...`, and exit status 2. The library's messages name
-Python arguments; this module rewrites them to the flags that set them.
+take or that holds NaN, statistics that cannot be folded, a bad option
+value) end the command with one line on stderr, `tfbn-tools: error: ...`,
+and exit status 2, before any output file is written. The library's
+messages name Python arguments; this module rewrites them to the flags that
+set them. Any other error also prints one line and exits with 1;
+`--traceback` shows its Python traceback instead.
+
+`fold` prints each BN layer's fate, with a stable reason code in brackets
+for those kept as `ChannelAffine` (`FoldDecision.reason_code`), then a count
+by reason code.
 """
 
 from __future__ import annotations
@@ -92,14 +99,16 @@ def load_batches(path: str, batch_size: int, key: str | None = None) -> list[np.
     """
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1; received {batch_size}.")
+    if os.path.isdir(path):
+        raise UsageError(f"data file {path} is a directory; pass a .npy or .npz file.")
     if not os.path.isfile(path):
         raise UsageError(f"data file {path} does not exist.")
     try:
         loaded = np.load(path)
-    except (ValueError, OSError) as error:
+    except Exception as error:  # NumPy raises ValueError, OSError, BadZipFile, EOFError...
         raise UsageError(
             f"data file {path} is invalid: it is not a .npy or .npz file NumPy can "
-            f"read without pickle ({_first_line(error)})."
+            f"read without pickle ({type(error).__name__}: {_first_line(error)})."
         ) from error
     if isinstance(loaded, np.ndarray):
         inputs = loaded
@@ -111,9 +120,20 @@ def load_batches(path: str, batch_size: int, key: str | None = None) -> list[np.
             key = key or names[0]
             if key not in names:
                 raise ValueError(f"{path} has no array {key!r}; it holds {names}.")
-            inputs = loaded[key]
+            try:
+                inputs = loaded[key]
+            except Exception as error:  # A damaged member of the archive.
+                raise UsageError(
+                    f"data file {path} is invalid: its array {key!r} cannot be read "
+                    f"({type(error).__name__}: {_first_line(error)})."
+                ) from error
     if inputs.ndim == 0:
         raise UsageError(f"data file {path} holds a single number; it needs a batch axis.")
+    if not (np.issubdtype(inputs.dtype, np.number) or inputs.dtype == np.bool_):
+        raise UsageError(
+            f"data file {path} holds {inputs.dtype} values; model inputs must be numbers. "
+            "Save the inputs as a numeric array (e.g. float32)."
+        )
     return [inputs[start : start + batch_size] for start in range(0, len(inputs), batch_size)]
 
 
@@ -128,8 +148,13 @@ def check_inputs_fit(model, batches: list[np.ndarray], path: str) -> None:
     Raises:
         UsageError: For a rank or a dimension that the model cannot take.
     """
-    if not batches or len(model.inputs) != 1:
-        return  # Multi-input models: leave the check to the model.
+    if len(model.inputs) != 1:
+        raise UsageError(
+            f"model {model.name!r} takes {len(model.inputs)} inputs, but --data feeds "
+            "one array. Use the Python API (tfbn.tools) for multi-input models."
+        )
+    if not batches:
+        return
     expected = tuple(model.inputs[0].shape)
     received = batches[0].shape
     fits = len(received) == len(expected) and all(
@@ -142,6 +167,25 @@ def check_inputs_fit(model, batches: list[np.ndarray], path: str) -> None:
             f"{len(received)}), but model {model.name!r} takes inputs of shape {shown} "
             f"(rank {len(expected)}). Save the inputs with that shape."
         )
+
+
+def check_output(path: str) -> None:
+    """Checks, before any work, that a model can be saved to `path`.
+
+    Args:
+        path: The output model file.
+
+    Raises:
+        UsageError: For a directory, a missing parent directory or a suffix
+            Keras cannot save.
+    """
+    if os.path.isdir(path):
+        raise UsageError(f"output {path} is a directory; pass a file name ending in .keras.")
+    if not path.endswith((".keras", ".h5")):
+        raise UsageError(f"output {path} must end in .keras (the Keras model format).")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"output {path}: directory {parent} does not exist; create it first.")
 
 
 def _first_line(error: BaseException) -> str:
@@ -170,18 +214,30 @@ def flag_message(message: str) -> str:
 
 
 def _fold(args) -> int:
+    check_output(args.output)
     model = load_model(args.model)
     folded, decisions = folding.fold_batch_norm(model, return_report=True)
     for decision in decisions:
         if decision.reason is None:
             print(f"folded {decision.batch_norm} into {decision.folded_into}")
         else:
-            print(f"kept {decision.batch_norm} as ChannelAffine: {decision.reason}")
+            print(
+                f"kept {decision.batch_norm} as ChannelAffine [{decision.reason_code}]: "
+                f"{decision.reason}"
+            )
+    counts = folding.fold_reason_counts(decisions)
+    folded_count = sum(decision.reason is None for decision in decisions)
+    summary = ", ".join(f"{code}: {count}" for code, count in counts.items())
+    print(
+        f"{folded_count} of {len(decisions)} BN layers folded"
+        + (f"; kept {summary}" if summary else "")
+    )
     folded.save(args.output)
     return 0
 
 
 def _recompute(args) -> int:
+    check_output(args.output)
     model = load_model(args.model)
     batches = load_batches(args.data, args.batch_size, args.data_key)
     check_inputs_fit(model, batches, args.data)
@@ -193,6 +249,7 @@ def _recompute(args) -> int:
 
 
 def _convert(args) -> int:
+    check_output(args.output)
     model = load_model(args.model)
     conversion.convert_batch_norm(model, to=args.to).save(args.output)
     return 0
@@ -221,9 +278,23 @@ def _add_data_arguments(parser, required: bool) -> None:
     parser.add_argument("--num-batches", type=int, default=None, help="Default: all.")
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, with its errors in the command's one-line format."""
+
+    def error(self, message):
+        print(
+            f"tfbn-tools: error: {message} (run `{self.prog} --help` for usage)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m tfbn.tools", description=__doc__.split("\n")[0]
+    parser = _OneLineParser(prog="python -m tfbn.tools", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--traceback",
+        action="store_true",
+        help="Show the Python traceback of an unexpected error (for bug reports).",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -265,14 +336,16 @@ def main(argv: list[str] | None = None) -> int:
     User errors (a missing or invalid file, data of the wrong shape, a bad
     option value) print one line, `tfbn-tools: error: ...`, to stderr and
     return 2, with the library's Python argument names given as this
-    command's flags. Other exceptions propagate with their traceback.
+    command's flags. Any other error also prints one line (its type and
+    message) and returns 1; `--traceback` lets it propagate instead.
 
     Args:
         argv: The arguments after the program name; None reads `sys.argv`.
 
     Returns:
-        0 on success, 1 for `audit --fail-on-error` with errors, 2 for a
-        user error (argparse's own errors exit with 2 as well).
+        0 on success, 1 for `audit --fail-on-error` with errors or an
+        unexpected error, 2 for a user error (argparse's own errors exit
+        with 2 as well).
     """
     args = build_parser().parse_args(argv)
     try:
@@ -280,6 +353,15 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ValueError, TypeError, OSError) as error:
         print(f"tfbn-tools: error: {flag_message(str(error))}", file=sys.stderr)
         return 2
+    except Exception as error:
+        if args.traceback:
+            raise
+        message = flag_message(f"{type(error).__name__}: {_first_line(error)}")
+        print(
+            f"tfbn-tools: error: unexpected {message} (rerun with --traceback for details)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

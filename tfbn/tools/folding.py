@@ -80,11 +80,14 @@ class FoldDecision:
         batch_norm: Path of the BN layer in the original model.
         folded_into: Name of the layer that absorbed it, or None.
         reason: Why it was not folded (it became a `ChannelAffine`), or None.
+        reason_code: A stable code for `reason`, to group decisions by (a key
+            of `tfbn.tools.model_graph.FOLD_BLOCKER_CODES`), or None.
     """
 
     batch_norm: str
     folded_into: str | None
     reason: str | None
+    reason_code: str | None = None
 
 
 def fold_batch_norm(model, return_report: bool = False):
@@ -112,14 +115,63 @@ def fold_batch_norm(model, return_report: bool = False):
 
     Raises:
         TypeError: For a subclassed model.
-        ValueError: For an unbuilt Sequential model.
+        ValueError: For an unbuilt Sequential model, or a BN layer whose
+            statistics, scale or offset are NaN or infinite or whose moving
+            variance is negative (checked before anything is built).
     """
+    for layer in introspection.batch_norm_layers(model):
+        _check_statistics(layer)
     decisions: list[FoldDecision] = []
     folded = _fold(model, decisions)
     for decision in decisions:
         if decision.reason is not None:
-            _LOG.info("BN %s not folded: %s", decision.batch_norm, decision.reason)
+            _LOG.info(
+                "BN %s not folded [%s]: %s",
+                decision.batch_norm,
+                decision.reason_code,
+                decision.reason,
+            )
     return (folded, decisions) if return_report else folded
+
+
+def fold_reason_counts(decisions) -> dict[str, int]:
+    """How many BN layers were kept as `ChannelAffine`, by reason code.
+
+    Args:
+        decisions: The report of `fold_batch_norm(..., return_report=True)`.
+
+    Returns:
+        Reason code -> count, most frequent first.
+    """
+    counts: dict[str, int] = {}
+    for decision in decisions:
+        if decision.reason_code is not None:
+            counts[decision.reason_code] = counts.get(decision.reason_code, 0) + 1
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+
+def _check_statistics(layer):
+    """Refuses statistics that would fold into NaN or infinite weights."""
+    if not layer.built:
+        return  # inference_scale_shift names the unbuilt layer.
+    for name in ("moving_mean", "moving_variance", "gamma", "beta"):
+        variable = getattr(layer, name, None)
+        if variable is None:
+            continue
+        value = np.asarray(variable.numpy(), np.float64)
+        if not np.all(np.isfinite(value)):
+            raise ValueError(
+                f"BN layer {layer.path!r} has NaN or infinite values in its {name}; "
+                "folding would write them into the weights. Recompute its statistics "
+                "(tfbn.tools.population_statistics) or restore a good checkpoint first."
+            )
+    variance = np.asarray(layer.moving_variance.numpy(), np.float64)
+    if np.any(variance < 0):
+        raise ValueError(
+            f"BN layer {layer.path!r} has a negative moving_variance "
+            f"(minimum {variance.min():.3g}); folding would produce NaN weights. "
+            "Recompute its statistics or restore a good checkpoint first."
+        )
 
 
 def _fold(model, decisions):
@@ -135,7 +187,7 @@ def _fold(model, decisions):
             decisions.append(FoldDecision(bn.path, site.producer.name, None))
         elif id(bn) not in replacements:
             replacements[id(bn)] = _affine_replacement(bn, site.node.input_tensors[0])
-            decisions.append(FoldDecision(bn.path, None, site.fold_blocker))
+            decisions.append(FoldDecision(bn.path, None, site.fold_blocker, site.fold_blocker_code))
 
     def operation_fn(operation):
         key = id(operation)

@@ -120,6 +120,8 @@ class BatchNormSite:
             or a non-layer operation).
         fold_blocker: Why the BN cannot be folded into `producer`, or None when
             it can.
+        fold_blocker_code: A stable key of `FOLD_BLOCKER_CODES` for
+            `fold_blocker` (to group by), or None when the BN can be folded.
         training_argument: The literal `training=` the call was built with
             (True/False), or None when it was left to the call context.
     """
@@ -129,6 +131,7 @@ class BatchNormSite:
     producer: keras.layers.Layer | None
     fold_blocker: str | None
     training_argument: bool | None
+    fold_blocker_code: str | None = None
 
 
 def batch_norm_sites(model, recursive: bool = False) -> list[BatchNormSite]:
@@ -172,38 +175,62 @@ def batch_norm_sites(model, recursive: bool = False) -> list[BatchNormSite]:
         ):
             producer = None
         blocker = _fold_blocker(layer, tensor, producer, calls, consumers, len(node.input_tensors))
+        code, reason = blocker if blocker is not None else (None, None)
         training = node.arguments.kwargs.get("training")
         sites.append(
             BatchNormSite(
                 batch_norm=layer,
                 node=node,
                 producer=producer,
-                fold_blocker=blocker,
+                fold_blocker=reason,
                 training_argument=training if isinstance(training, bool) else None,
+                fold_blocker_code=code,
             )
         )
     return sites
 
 
-def _fold_blocker(bn, tensor, producer, calls, consumers, num_inputs) -> str | None:
+# Why a BN call cannot be folded: stable codes (to group and count by) and
+# what each means. `BatchNormSite.fold_blocker` adds the layer-specific detail.
+FOLD_BLOCKER_CODES = {
+    "shared_batch_norm": "the BN layer is called more than once",
+    "masked_input": "the BN call takes a mask",
+    "no_producer_layer": "the BN input is a model input or a non-layer operation",
+    "unfoldable_producer": f"the producer is not a {FOLDABLE_TYPE_NAMES} layer",
+    "shared_producer": "the producer layer is called more than once",
+    "producer_output_reused": "the producer's output also feeds other layers or the output",
+    "producer_activation": "the producer applies a non-linear activation before the BN",
+    "axis_mismatch": "the BN axes are not the producer's channel axis",
+}
+
+
+def _fold_blocker(bn, tensor, producer, calls, consumers, num_inputs) -> tuple[str, str] | None:
+    """`(code, reason)` for a BN call that cannot be folded, None when it can."""
     if calls[id(bn)] > 1:
-        return f"the BN layer is shared (called {calls[id(bn)]} times)"
+        return "shared_batch_norm", f"the BN layer is shared (called {calls[id(bn)]} times)"
     if num_inputs > 1:
-        return "the BN call takes a mask, which a folded kernel cannot honour"
+        return "masked_input", "the BN call takes a mask, which a folded kernel cannot honour"
     if producer is None:
-        return "its input is not produced by a layer (a model input or an operation)"
-    if foldable_kernel_name(producer) is None:
         return (
+            "no_producer_layer",
+            "its input is not produced by a layer (a model input or an operation)",
+        )
+    if foldable_kernel_name(producer) is None:
+        return "unfoldable_producer", (
             f"its producer {producer.name!r} is a {type(producer).__name__}, not a "
             f"{FOLDABLE_TYPE_NAMES} layer"
         )
     if calls[id(producer)] > 1:
-        return f"its producer {producer.name!r} is shared (called {calls[id(producer)]} times)"
+        return "shared_producer", (
+            f"its producer {producer.name!r} is shared (called {calls[id(producer)]} times)"
+        )
     if consumers[id(tensor)] > 1:
-        return f"the output of {producer.name!r} also feeds other layers or is a model output"
+        return "producer_output_reused", (
+            f"the output of {producer.name!r} also feeds other layers or is a model output"
+        )
     if producer.activation is not keras.activations.linear:
         name = keras.activations.serialize(producer.activation)
-        return (
+        return "producer_activation", (
             f"its producer {producer.name!r} applies the activation {name!r} before "
             "the BN, so the BN's affine map cannot move into the kernel"
         )
@@ -211,7 +238,7 @@ def _fold_blocker(bn, tensor, producer, calls, consumers, num_inputs) -> str | N
     axes = feature_axes(bn, rank)
     expected = channel_axis(producer, rank)
     if axes != [expected]:
-        return (
+        return "axis_mismatch", (
             f"the BN normalizes axes {axes} but {producer.name!r} has its channels "
             f"on axis {expected}"
         )

@@ -115,16 +115,17 @@ def population_state(layer, mean, biased_variance, count, num_batches: int) -> d
             statistic is ever left inconsistent), or as `stored_variance`.
     """
     variance = stored_variance(biased_variance, count, introspection.variance_estimator(layer))
-    stddev = renorm_stddev(variance, layer.epsilon)
+    names = introspection.statistic_variables(layer)
     rules: Mapping[str, np.ndarray] = {
         "moving_mean": np.asarray(mean, np.float64),
         "moving_variance": variance,
-        "moving_stddev": stddev,
         "renorm_mean": np.asarray(mean, np.float64),
-        "renorm_stddev": stddev,
     }
+    if "moving_stddev" in names or "renorm_stddev" in names:
+        stddev = renorm_stddev(variance, layer.epsilon)
+        rules = {**rules, "moving_stddev": stddev, "renorm_stddev": stddev}
     state = {}
-    for name in introspection.statistic_variables(layer):
+    for name in names:
         if name == "num_batches_tracked":
             state[name] = np.asarray(num_batches, np.int64)
         elif name in rules:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import tensorflow as tf
 
 from tfbn.compat.v1 import _graph_bn
+from tfbn.compat.v1.slim_arg_scope import scoped_like
 from tfbn.nn import arguments
 from tfbn.nn import renorm as renorm_lib
 
@@ -50,6 +51,8 @@ def _variable_collections(variables_collections) -> dict[str, list]:
     return result
 
 
+# Defaults set by `slim.arg_scope([slim.batch_norm], ...)` apply here too.
+@scoped_like("tf_slim.layers.layers", "batch_norm")
 def batch_norm(
     inputs,
     decay=0.999,

@@ -7,13 +7,18 @@ global collection is not filtered by scope, so a frozen backbone's statistics
 are rewritten during a head-only fine-tune. `minimize_with_updates` builds
 the train op with exactly one scope's update ops; `check_update_dependencies`
 finds a train op that misses some before the first step runs.
+`apply_gradients_with_updates` is the same for the `compute_gradients` ->
+clip -> `apply_gradients` step.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import tensorflow as tf
+
+from tfbn.nn.batch_norm import STATISTIC_NAMES
 
 UPDATE_OPS = tf.compat.v1.GraphKeys.UPDATE_OPS
 
@@ -104,6 +109,48 @@ def _resolve_var_list(var_list, graph) -> list[tf.Variable] | None:
     return list(dict.fromkeys(variables))
 
 
+def _check_optimizer(optimizer) -> None:
+    if not isinstance(optimizer, tf.compat.v1.train.Optimizer):
+        raise TypeError(
+            "`optimizer` must be a tf.compat.v1.train.Optimizer (e.g. "
+            f"tf.compat.v1.train.AdamOptimizer); received {type(optimizer).__name__}."
+        )
+
+
+def _scope_update_ops(graph, update_scope: str | None, collection: str) -> list:
+    update_ops = graph.get_collection(collection, update_scope)
+    if not update_ops:
+        raise ValueError(
+            f"no BN update ops found in scope {update_scope!r} of collection "
+            f"{collection!r}. Build the model (with training=True or a training "
+            "placeholder) before the train op, and check the scope name."
+        )
+    return update_ops
+
+
+def _variable_name(variable) -> str:
+    op = getattr(variable, "op", None)
+    return op.name if op is not None else variable.name.split(":")[0]
+
+
+def _warn_about_statistics(argument: str, variables) -> None:
+    """Warns when variables to train include BN moving statistics."""
+    statistics = [
+        _variable_name(v)
+        for v in variables
+        if _variable_name(v).rsplit("/", 1)[-1] in STATISTIC_NAMES
+    ]
+    if statistics:
+        warnings.warn(
+            f"`{argument}` contains {len(statistics)} BN moving-statistics variable(s): "
+            f"{statistics}. The update ops move them, not gradients: the optimizer only "
+            "gives them (None) gradients and slots for nothing. Pass the trainable "
+            "variables instead, e.g. tf.compat.v1.trainable_variables(scope).",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def minimize_with_updates(
     optimizer: tf.compat.v1.train.Optimizer,
     loss: tf.Tensor,
@@ -146,20 +193,78 @@ def minimize_with_updates(
         ValueError: "no BN update ops found in scope ..." when the scope has
             no update op (built too early, wrong scope, or inference-only
             layers), or a `var_list` scope that matches nothing.
+
+    Warns:
+        UserWarning: When `var_list` holds BN moving statistics (named).
     """
-    if not isinstance(optimizer, tf.compat.v1.train.Optimizer):
-        raise TypeError(
-            "`optimizer` must be a tf.compat.v1.train.Optimizer (e.g. "
-            f"tf.compat.v1.train.AdamOptimizer); received {type(optimizer).__name__}."
-        )
+    _check_optimizer(optimizer)
     graph = loss.graph
-    update_ops = graph.get_collection(collection, update_scope)
-    if not update_ops:
-        raise ValueError(
-            f"no BN update ops found in scope {update_scope!r} of collection "
-            f"{collection!r}. Build the model (with training=True or a training "
-            "placeholder) before the train op, and check the scope name."
-        )
+    update_ops = _scope_update_ops(graph, update_scope, collection)
     variables = _resolve_var_list(var_list, graph)
+    if variables is not None:
+        _warn_about_statistics("var_list", variables)
     with graph.as_default(), tf.control_dependencies(update_ops):
         return optimizer.minimize(loss, var_list=variables, global_step=global_step, name=name)
+
+
+def apply_gradients_with_updates(
+    optimizer: tf.compat.v1.train.Optimizer,
+    grads_and_vars: Sequence,
+    update_scope: str | None = None,
+    global_step: tf.Variable | None = None,
+    collection: str = UPDATE_OPS,
+    name: str | None = None,
+) -> tf.Operation:
+    """`optimizer.apply_gradients` with the BN update ops of one scope as dependencies.
+
+    For train ops that transform the gradients (clipping, scaling, noise)
+    between `compute_gradients` and `apply_gradients`, where
+    `minimize_with_updates` does not fit:
+
+        grads_and_vars = optimizer.compute_gradients(loss, var_list=head_vars)
+        grads, variables = zip(*grads_and_vars)
+        grads, _ = tf.clip_by_global_norm(grads, 5.0)
+        train_op = tfbn.compat.v1.apply_gradients_with_updates(
+            optimizer, zip(grads, variables), update_scope="model/head")
+
+    Args:
+        optimizer: A `tf.compat.v1.train.Optimizer`.
+        grads_and_vars: `(gradient, variable)` pairs, as `compute_gradients`
+            returns them (None gradients allowed, as in `apply_gradients`).
+        update_scope: Name-scope prefix of the update ops to run, e.g.
+            `"tiny_yolo/yolov3_head"`; None runs all of the collection.
+        global_step: Optional step variable incremented by the train op.
+        collection: The collection holding the update ops.
+        name: Optional name of the returned op.
+
+    Returns:
+        The train op; it depends on exactly the update ops of `update_scope`.
+
+    Raises:
+        TypeError: If `optimizer` is not a `tf.compat.v1.train.Optimizer` or an
+            entry of `grads_and_vars` is not a `(gradient, variable)` pair.
+        ValueError: If `grads_and_vars` is empty, or "no BN update ops found in
+            scope ..." when the scope has no update op.
+
+    Warns:
+        UserWarning: When `grads_and_vars` holds BN moving statistics (named).
+    """
+    _check_optimizer(optimizer)
+    pairs = list(grads_and_vars)
+    if not pairs:
+        raise ValueError(
+            "`grads_and_vars` is empty; pass optimizer.compute_gradients(loss, ...) "
+            "(after clipping) as (gradient, variable) pairs."
+        )
+    for pair in pairs:
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise TypeError(
+                "`grads_and_vars` must hold (gradient, variable) pairs; received the "
+                f"entry {pair!r}. Example: zip(clipped_grads, variables)."
+            )
+    variables = [variable for _, variable in pairs]
+    _warn_about_statistics("grads_and_vars", variables)
+    graph = variables[0].graph
+    update_ops = _scope_update_ops(graph, update_scope, collection)
+    with graph.as_default(), tf.control_dependencies(update_ops):
+        return optimizer.apply_gradients(pairs, global_step=global_step, name=name)
