@@ -4,17 +4,10 @@ This keeps the scripts alive (they import, run and write BENCHMARKS.md-style
 output); it says nothing about speed.
 """
 
-import pathlib
-import sys
-
 import numpy as np
 import pytest
 
-# `benchmarks/` is a top-level folder of the repository, not an installed
-# package; `python -m pytest` from the root finds it, plain `pytest` may not.
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from benchmarks import common, layer, models, report, run_all, targets  # noqa: E402
+from benchmarks import common, layer, models, report, run_all, targets
 
 
 def test_time_interleaved_calls_each_contender_warmup_plus_repeats_times():

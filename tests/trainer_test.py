@@ -15,6 +15,7 @@ import tensorflow as tf
 from absl import flags
 
 import tfbn
+from benchmarks.trainer import write_image_folder
 from tfbn.finetune import checkpoint as checkpoint_lib
 from tfbn.finetune import flags as tfbn_flags
 from tfbn.finetune import trainer
@@ -275,17 +276,6 @@ def test_skip_streak_counts_only_consecutive_skips():
         streak.add(9, applied=False, learning_rate=0.5)
 
 
-def _write_image_folder(root, train_images, size=64, classes=4):
-    """Random JPEGs in `root/{train,val}/<class>/`: `train_images` in train, 8 a class in val."""
-    rng = np.random.default_rng(0)
-    for split, count in (("train", train_images), ("val", 8 * classes)):
-        for index in range(count):
-            directory = os.path.join(root, split, f"class{index % classes}")
-            os.makedirs(directory, exist_ok=True)
-            pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-            tf.io.write_file(os.path.join(directory, f"{index}.jpg"), tf.io.encode_jpeg(pixels))
-
-
 def _peak_rss_mb_of_training(model_dir, dataset):
     """Peak resident memory (MB) of a `train.py` process that trains 3 steps on `dataset`."""
     command = [
@@ -310,8 +300,8 @@ def test_peak_memory_does_not_grow_with_the_image_folder(tmp_path):
     # Loading the split into memory as float32 costs ~235 KB per 64x64 image
     # (1,000 more images: ~230 MB); streaming from disk costs ~nothing per image.
     small, large = str(tmp_path / "small"), str(tmp_path / "large")
-    _write_image_folder(small, 64)
-    _write_image_folder(large, 1064)
+    write_image_folder(small, 64)
+    write_image_folder(large, 1064)
     peak_small = _peak_rss_mb_of_training(str(tmp_path / "run_small"), f"folder:{small}")
     peak_large = _peak_rss_mb_of_training(str(tmp_path / "run_large"), f"folder:{large}")
     assert peak_large - peak_small < 60, (peak_small, peak_large)
