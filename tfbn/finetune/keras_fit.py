@@ -2,7 +2,7 @@
 
 `train.py` carries an `UpdatePlan` out in its own train step
 (`tfbn.finetune.train_step`). `partial_finetune` carries the same plan out
-inside Keras' `model.fit`, for a model the user compiles and fits himself:
+inside Keras' `model.fit`, for a model the user compiles and fits:
 
 * every trainable variable outside the update set gets `trainable = False`,
   so Keras' train step neither differentiates nor updates it;
