@@ -129,7 +129,7 @@ def test_set_aside_moves_the_files_and_overwrites_nothing(run_dir):
     contents = {name: _read_bytes(path) for name, path in _named(prefix)}
     aside = os.path.join(directory, "aside")
     first = checkpoint_files.set_aside(prefix, aside)
-    assert checkpoint_files.checkpoint_files(prefix) == []
+    assert checkpoint_files.files_of(prefix) == []
     assert {os.path.basename(path): _read_bytes(path) for path in first} == contents
     # The same names again (a second accident) get a suffix; the first copies stay.
     for name, data in contents.items():
@@ -141,7 +141,7 @@ def test_set_aside_moves_the_files_and_overwrites_nothing(run_dir):
 
 
 def _named(prefix):
-    return [(os.path.basename(path), path) for path in checkpoint_files.checkpoint_files(prefix)]
+    return [(os.path.basename(path), path) for path in checkpoint_files.files_of(prefix)]
 
 
 def _read_bytes(path):

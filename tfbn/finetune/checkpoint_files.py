@@ -29,7 +29,7 @@ _NUMBERED_FILE = re.compile(rf"^{CHECKPOINT_NAME}-(\d+)\.(index|data-\d+-of-\d+)
 READ_ERRORS = (tf.errors.OpError, IndexError, ValueError, OSError)
 
 
-def checkpoint_files(prefix: str) -> list[str]:
+def files_of(prefix: str) -> list[str]:
     """The files of checkpoint `prefix` that exist: its index and data shards.
 
     Args:
@@ -85,7 +85,7 @@ def checkpoint_problem(prefix: str, read_values: bool = True) -> str | None:
         The problem, or None.
     """
     index = prefix + ".index"
-    files = checkpoint_files(prefix)
+    files = files_of(prefix)
     data_files = [path for path in files if path != index]
     if index not in files:
         found = f" (found: {_describe_files(data_files)})" if data_files else ""
@@ -260,7 +260,7 @@ def resolve_checkpoint_path(path: str, argument: str | None = "init_checkpoint")
             )
         return search.latest
     if not tf.io.gfile.exists(path + ".index"):
-        data_files = checkpoint_files(path)
+        data_files = files_of(path)
         if data_files:
             raise ValueError(
                 f"{what}: the checkpoint's index file {path}.index is missing (found "
@@ -289,7 +289,7 @@ def set_aside(prefix: str, directory: str) -> list[str]:
     """
     tf.io.gfile.makedirs(directory)
     moved = []
-    for path in checkpoint_files(prefix):
+    for path in files_of(prefix):
         target = os.path.join(directory, os.path.basename(path))
         suffix = 1
         while tf.io.gfile.exists(target):
