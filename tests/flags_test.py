@@ -5,7 +5,9 @@ import subprocess
 import sys
 import tempfile
 
+import numpy as np
 import pytest
+import tensorflow as tf
 from absl import flags
 
 from tfbn.finetune import flags as tfbn_flags
@@ -156,3 +158,29 @@ def test_train_py_rejects_an_infinite_learning_rate_before_training(tmp_path):
     assert "--learning_rate must be a finite number" in process.stderr
     assert "Traceback" not in process.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_train_py_reports_an_image_folder_class_mismatch_as_a_dataset_usage_error(tmp_path):
+    for split, classes in (("train", ("Cat", "Dog")), ("val", ("Cat", "dog"))):
+        for name in classes:
+            directory = tmp_path / "images" / split / name
+            directory.mkdir(parents=True)
+            pixels = np.full((8, 8, 3), 128, np.uint8)
+            tf.io.write_file(str(directory / "0.jpg"), tf.io.encode_jpeg(pixels))
+    process = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "train.py"),
+            f"--flagfile={REPO}/configs/smoke.flags",
+            f"--model_dir={tmp_path / 'run'}",
+            f"--dataset=folder:{tmp_path / 'images'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert process.returncode == 1
+    assert "--dataset 'folder:" in process.stderr
+    assert "only in 'train': ['Dog']; only in 'val': ['dog']" in process.stderr
+    assert "Traceback" not in process.stderr

@@ -254,22 +254,28 @@ def load_split(dataset: str, split: str, image_size: int, data_dir: str | None =
     description = f"{dataset!r} split {split!r}"
     root = _folder_root(dataset)
     if root is not None:
-        listing = image_folder.list_split(root, split)
+        try:
+            listing = image_folder.list_split(root, split)
+        except ValueError as error:
+            # Names the argument, so train.py reports it as a --dataset usage error.
+            raise ValueError(f"`dataset` {dataset!r}: {error}") from None
         source = image_folder.FolderExamples(listing, image_size)
         return Split(description, source, listing.class_names, image_size)
     builder = _tfds_builder(dataset, data_dir)
     if split not in builder.info.splits:
         raise ValueError(
-            f"{dataset!r} has no split {split!r}; splits: {sorted(builder.info.splits)}."
+            f"`dataset` {dataset!r} has no split {split!r}; splits: {sorted(builder.info.splits)}."
         )
     if builder.info.supervised_keys is None:
         raise ValueError(
-            f"{dataset!r} has no supervised (image, label) keys; it cannot train a classifier."
+            f"`dataset` {dataset!r} has no supervised (image, label) keys; "
+            "it cannot train a classifier."
         )
     if builder.info.file_format != tfds.core.FileFormat.TFRECORD:
         raise ValueError(
-            f"{dataset!r} is prepared as {builder.info.file_format.value}; the trainer streams "
-            f"TFRecord files. Prepare it with file_format='tfrecord' in another data_dir."
+            f"`dataset` {dataset!r} is prepared as {builder.info.file_format.value}; "
+            "the trainer streams TFRecord files. Prepare it with file_format='tfrecord' "
+            "in another data_dir."
         )
     label_key = builder.info.supervised_keys[1]
     class_names = tuple(builder.info.features[label_key].names)
