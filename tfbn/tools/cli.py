@@ -290,7 +290,7 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog="python -m tfbn.tools", description=__doc__.split("\n")[0])
+    parser = _OneLineParser(prog="tfbn-tools", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--traceback",
         action="store_true",
