@@ -1,4 +1,4 @@
-"""Benchmark (6): `recompute_statistics` against compiled inference passes.
+"""Benchmark (7): `recompute_statistics` against compiled inference passes.
 
 `tfbn.tools.population_statistics.recompute_statistics` on a
 `keras.applications` network (`weights=None`, stock Keras BN layers, 32x32
@@ -26,7 +26,7 @@ _BATCHES = 4
 
 
 def _applications():
-    """(name, builder) of the networks timed; DenseNet121 has 120 BN levels."""
+    """(name, builder) of the networks timed; DenseNet121 has 121 BN levels."""
     return (
         ("ResNet50", keras.applications.ResNet50),
         ("DenseNet121", keras.applications.DenseNet121),

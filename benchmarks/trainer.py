@@ -88,18 +88,35 @@ def run(repeats: int = 7, smoke: bool = False, steps: int = 10) -> list[common.R
     def fit_steps(count):
         fit_model.fit(dataset, steps_per_epoch=count, epochs=1, shuffle=False, verbose=0)
 
-    rates = {"tfbn trainer": [], "model.fit": []}
-    for _ in range(1 if smoke else repeats):
-        rates["tfbn trainer"].append(_steps_per_second(trainer_steps, steps))
-        rates["model.fit"].append(_steps_per_second(fit_steps, steps))
-    medians = {name: 1e3 / sorted(values)[len(values) // 2] for name, values in rates.items()}
-    notes = {name: f"{1e3 / value:.1f} steps/s" for name, value in medians.items()}
     case = f"{steps} steps, batch {batch}x{size}x{size}, {channels} channels"
-    rows = common.rows_with_ratios("trainer", case, medians, "model.fit", notes)
+    loops = {"tfbn trainer": trainer_steps, "model.fit": fit_steps}
+    rows = _step_time_rows(case, loops, 1 if smoke else repeats, steps, "model.fit")
     with tempfile.TemporaryDirectory(prefix="tfbn_bench_folder_") as root:
         rows += folder_throughput(root, repeats, smoke, steps)
         rows += peak_memory(root, smoke)
     return rows
+
+
+def _step_time_rows(case, loops, rounds: int, steps: int, reference: str) -> list[common.Row]:
+    """Times `steps` steps of each loop per round, loops interleaved; rows of ms per step.
+
+    Args:
+        case: The rows' case.
+        loops: Name -> `run_steps(count)`.
+        rounds: Timed rounds of every loop.
+        steps: Steps per round and loop.
+        reference: The loop the ratios are relative to.
+
+    Returns:
+        One row per loop: median ms per step, the steps/s in the note.
+    """
+    rates = {name: [] for name in loops}
+    for _ in range(rounds):
+        for name, run_steps in loops.items():
+            rates[name].append(_steps_per_second(run_steps, steps))
+    medians = {name: 1e3 / sorted(values)[len(values) // 2] for name, values in rates.items()}
+    notes = {name: f"{1e3 / value:.1f} steps/s" for name, value in medians.items()}
+    return common.rows_with_ratios("trainer", case, medians, reference, notes)
 
 
 def write_image_folder(root: str, train_images: int, size: int = FOLDER_IMAGE_SIZE) -> str:
@@ -169,18 +186,13 @@ def folder_throughput(root: str, repeats: int, smoke: bool, steps: int) -> list[
     def fit_steps(count):
         fit_model.fit(keras_dataset, steps_per_epoch=count, epochs=1, shuffle=False, verbose=0)
 
-    trainer_name, keras_name = "tfbn trainer, streamed folder", "image_dataset_from_directory + fit"
-    rates = {trainer_name: [], keras_name: []}
-    for _ in range(1 if smoke else repeats):
-        rates[trainer_name].append(_steps_per_second(trainer_steps, steps))
-        rates[keras_name].append(_steps_per_second(fit_steps, steps))
-    medians = {name: 1e3 / sorted(values)[len(values) // 2] for name, values in rates.items()}
-    notes = {name: f"{1e3 / value:.1f} steps/s" for name, value in medians.items()}
+    keras_name = "image_dataset_from_directory + fit"
     case = (
         f"image folder, {images} JPEGs {size}x{size}, {steps} steps, batch {batch}, "
         f"{channels} channels"
     )
-    return common.rows_with_ratios("trainer", case, medians, keras_name, notes)
+    loops = {"tfbn trainer, streamed folder": trainer_steps, keras_name: fit_steps}
+    return _step_time_rows(case, loops, 1 if smoke else repeats, steps, keras_name)
 
 
 def _peak_rss_mb(dataset: str, model_dir: str, steps: int, batch: int) -> float:

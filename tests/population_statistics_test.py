@@ -131,6 +131,27 @@ def test_masked_inputs_pool_only_unmasked_values():
     np.testing.assert_allclose(bn.moving_variance.numpy(), kept.var(0), rtol=1e-5)
 
 
+@pytest.mark.parametrize("make_bn", [tfbn.BatchNormalization, L.BatchNormalization])
+def test_masked_inputs_with_features_on_axis_1_follow_the_keras_mask_convention(make_bn):
+    # The mask drops timesteps (axis 1), and axis 1 holds the features: the
+    # layers expand a Keras mask at the last axis, so each feature pools the
+    # values of its row that the mask keeps, over the batch and the last axis.
+    inputs = keras.Input((3, 2))
+    masked = L.Masking(mask_value=0.0)(inputs)
+    bn = make_bn(axis=1)
+    model = keras.Model(inputs, bn(masked))
+    data = np.random.default_rng(3).normal(size=(4, 3, 2)).astype("float32")
+    data[0, 1] = 0.0
+    data[2, 0] = 0.0
+
+    recompute_statistics(model, [data[:2], data[2:]], progress=False)
+
+    keep = np.any(data != 0, axis=2)  # [batch, time]: the Keras mask
+    values = [data[:, t][keep[:, t]].reshape(-1).astype(np.float64) for t in range(3)]
+    np.testing.assert_allclose(bn.moving_mean.numpy(), [v.mean() for v in values], rtol=1e-5)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), [v.var() for v in values], rtol=1e-5)
+
+
 def test_short_dataset_is_refused_before_any_change():
     inputs = keras.Input((4,))
     bn = tfbn.BatchNormalization()

@@ -152,7 +152,7 @@ class Batches:
                 element = next(iterator)
             except StopIteration:
                 return
-            except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as error:
+            except tf.errors.OpError as error:  # Undecodable, missing or damaged input.
                 candidates = [
                     index
                     for offset in range(PREFETCH_BATCHES + 2)

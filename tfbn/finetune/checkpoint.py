@@ -27,7 +27,8 @@ from tfbn.layers import introspection
 
 MODEL_VARIABLES = "model_variables"
 OPTIMIZER_VARIABLES = "optimizer_variables"
-_OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
+# The key of an object-based checkpoint's object graph; a TF1 `Saver` checkpoint has none.
+OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 
 
 def make_checkpoint(model, optimizer, global_step, skipped_steps) -> tf.train.Checkpoint:
@@ -96,7 +97,7 @@ def read_model_variables(
         problem = checkpoint_files.checkpoint_problem(prefix, read_values=False)
         problem = problem or checkpoint_files.first_line(error)
         raise ValueError(f"Checkpoint {prefix} cannot be read: {problem}.") from None
-    if not reader.has_tensor(_OBJECT_GRAPH_KEY):
+    if not reader.has_tensor(OBJECT_GRAPH_KEY):
         names = sorted(reader.get_variable_to_shape_map())
         raise ValueError(
             f"Checkpoint {prefix} is a name-based checkpoint (TF1 "
@@ -108,7 +109,7 @@ def read_model_variables(
         )
     try:
         graph = trackable_object_graph_pb2.TrackableObjectGraph()
-        graph.ParseFromString(reader.get_tensor(_OBJECT_GRAPH_KEY))
+        graph.ParseFromString(reader.get_tensor(OBJECT_GRAPH_KEY))
         root = graph.nodes[0]
         node_ids = [child.node_id for child in root.children if child.local_name == entry]
         if not node_ids:
@@ -147,9 +148,7 @@ def resume(
             another optimizer), or a file of it is unreadable; nothing is
             restored then.
     """
-    if isinstance(source, tf.train.CheckpointManager):
-        source = source.latest_checkpoint
-    latest = source
+    latest = source.latest_checkpoint if isinstance(source, tf.train.CheckpointManager) else source
     if latest is None:
         return None
     hint = (

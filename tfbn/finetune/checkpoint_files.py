@@ -137,11 +137,6 @@ class CheckpointSearch:
     unreadable: dict[str, str]
     state_problem: str | None
 
-    @property
-    def found_any(self) -> bool:
-        """Whether the directory holds any checkpoint file."""
-        return self.latest is not None or bool(self.unreadable)
-
     def describe_unreadable(self) -> str:
         """Each unreadable checkpoint and its problem, joined by `; `.
 

@@ -128,7 +128,7 @@ def _plan_train_step(keras_train_step, plan: UpdatePlan):
             variable.assign(value)
         return logs
 
-    train_step.tfbn_plan = plan
+    # Lets a later `partial_finetune` call unwrap it (`_restore_original_state`).
     train_step.keras_train_step = keras_train_step
     return train_step
 

@@ -37,7 +37,7 @@ class RestoreReport:
     not_restored: list[str]
 
     def summary(self) -> str:
-        """A few human-readable lines.
+        """One human-readable line: how many variables were restored, skipped and kept.
 
         Returns:
             The summary text.

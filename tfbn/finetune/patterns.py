@@ -41,7 +41,7 @@ def known_prefixes(paths: Sequence[str], depth: int = 2) -> list[str]:
 
 
 def describe_prefixes(paths: Sequence[str], near: str | None = None) -> str:
-    """The known prefixes for an error message: the closest to `near` first, at most 30.
+    """The known prefixes for an error message: the closest to `near` first, then at most 30.
 
     Args:
         paths: Variable paths.

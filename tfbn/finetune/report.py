@@ -19,8 +19,8 @@ from tfbn.nn.batch_norm import STATISTIC_NAMES
 
 Snapshot = dict[str, dict[str, np.ndarray]]
 _SEPARATOR = "|"
-# Modes in which a BN layer's moving statistics must not change.
-FROZEN_STAT_MODES = (BNMode.INFERENCE, BNMode.BATCH)
+# Modes in which a BN layer's moving statistics must not change (`inference`, `batch`).
+FROZEN_STAT_MODES = tuple(mode for mode in BNMode if not mode.updates_statistics)
 
 
 def snapshot(bn_layers) -> Snapshot:
@@ -36,8 +36,8 @@ def snapshot(bn_layers) -> Snapshot:
         bn_layers: The BN layers.
 
     Returns:
-        `{layer path: {variable name: value}}`, with every statistic of
-        `introspection.statistic_variables`.
+        `{layer path: {variable name: value}}`, with the variables of
+        `introspection.state_variables` (gamma, beta and every statistic).
     """
     bn_layers = list(bn_layers)
     return {

@@ -7,11 +7,11 @@ partially restores) and runs the steps, logging and checkpointing along the
 way; `evaluate`, `write_report` (the BN report) and `export` finish it.
 The module-level `train(config, strategy)` does all of that in order.
 
-Under `multi_worker` only the chief writes console output, flags.txt,
-logs, the BN report and the export; the other workers save their
-checkpoints to throw-away directories. That choice is made once, when the
-`Trainer` is created, by picking the chief's or a worker's output objects;
-the rest of the code does not ask who it is.
+Under `multi_worker` only the chief locks `model_dir` and writes console
+output, flags.txt and run_config.json, logs, the BN report and the export;
+the other workers save their checkpoints to throw-away directories. That
+choice is made once, when the `Trainer` is created, by picking the chief's
+or a worker's output objects; the rest of the code does not ask who it is.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def describe_sets(plan: UpdatePlan, restore_selected=None, restore_source=None) 
     Args:
         plan: The update plan.
         restore_selected: Variable paths a partial restore would assign, if any.
-        restore_source: The checkpoint prefix they come from.
+        restore_source: The checkpoint prefix or weights file they come from.
 
     Returns:
         The text, one item a line.
@@ -463,6 +463,11 @@ class _SkipStreak:
     def add(self, step: int, applied: bool, learning_rate: float | None = None) -> None:
         """Records one step's verdict.
 
+        Args:
+            step: The global step just taken.
+            applied: Whether the step was applied (False: skipped as non-finite).
+            learning_rate: The configured learning rate, quoted in the error.
+
         Raises:
             NonFiniteTrainingError: When `limit` (> 0) steps in a row were skipped.
         """
@@ -562,6 +567,9 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -
     Raises:
         ValueError: For patterns that match nothing, checkpoints that do not
             fit, a batch that does not split over the replicas, and unusable
-            data.
+            data; `run_directory.RunDirectoryInUseError` (a `ValueError`) when
+            another run holds `model_dir`.
+        NonFiniteTrainingError: When `max_consecutive_skipped_steps` steps in
+            a row were skipped as non-finite.
     """
     return Trainer(config, strategy).run()

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 
 import keras
 
-from tfbn.finetune import patterns
+from tfbn.finetune import config, patterns
 from tfbn.layers import introspection
 
 
@@ -71,7 +71,8 @@ class BNMode(str, enum.Enum):
         return self is not BNMode.INFERENCE
 
 
-FROZEN_BN_MODES = (BNMode.INFERENCE, BNMode.BATCH, BNMode.ADAPT)
+# The `frozen_bn_mode` choices, as the config (and the flag) spell them.
+FROZEN_BN_MODES = tuple(BNMode(value) for value in config.FROZEN_BN_MODES)
 
 
 def batch_norm_layers(model: keras.Model) -> list[keras.layers.Layer]:

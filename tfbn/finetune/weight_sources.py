@@ -32,11 +32,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfbn.finetune.checkpoint import OBJECT_GRAPH_KEY
 from tfbn.layers import introspection
 
 KERAS_SUFFIX = ".keras"
 WEIGHTS_SUFFIX = ".weights.h5"
-OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 # TF1 / slim weight names that Keras 3 layers call differently.
 TF1_RENAMES = {"weights": "kernel", "biases": "bias", "depthwise_kernel": "kernel"}
 # Optimizer slots and training bookkeeping of TF1 checkpoints: never model weights.

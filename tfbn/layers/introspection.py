@@ -176,18 +176,6 @@ def nested_variable_paths(model) -> dict[str, keras.Variable]:
     return paths
 
 
-def variable_path_lookup(model) -> dict[int, str]:
-    """`{id(variable): nested path}` for every variable of `model`.
-
-    Args:
-        model: A Keras model.
-
-    Returns:
-        The lookup; see `nested_variable_paths`.
-    """
-    return {id(variable): path for path, variable in nested_variable_paths(model).items()}
-
-
 def _walk(layer, prefix: str, layer_paths: dict[int, str], variable_paths: dict[int, str]):
     """Fills both lookups for `layer`'s own variables and, recursively, its sublayers."""
     children = _sublayers(layer)

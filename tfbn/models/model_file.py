@@ -133,9 +133,9 @@ def input_image_size(name: str, default: int) -> int:
     if problem:
         raise ValueError(f"`model` {name!r}: {problem}.")
     shape = saved_input_shape(name)
-    if shape is None or len(shape) != 3:
-        if shape is None:
-            return default
+    if shape is None:
+        return default
+    if len(shape) != 3:
         raise ValueError(
             f"`model` {name!r} takes inputs of shape {shape}; the trainer feeds images "
             "(height, width, channels). Save a model with an image input."

@@ -182,7 +182,9 @@ def check_output(path: str) -> None:
     if os.path.isdir(path):
         raise UsageError(f"output {path} is a directory; pass a file name ending in .keras.")
     if not path.endswith((".keras", ".h5")):
-        raise UsageError(f"output {path} must end in .keras (the Keras model format).")
+        raise UsageError(
+            f"output {path} must end in .keras (the Keras model format) or the legacy .h5."
+        )
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise UsageError(f"output {path}: directory {parent} does not exist; create it first.")

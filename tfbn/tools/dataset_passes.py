@@ -85,6 +85,11 @@ def expected_batches(dataset, num_batches) -> int | None:
     return num_batches if length is None else min(num_batches, length)
 
 
+def progress_bar(dataset, num_batches) -> keras.utils.Progbar:
+    """A bar counting batches, with `expected_batches` as its target (None: open-ended)."""
+    return keras.utils.Progbar(expected_batches(dataset, num_batches), unit_name="batch")
+
+
 def collect(model, dataset, layers, num_batches, progress, title, refuse_non_finite=True):
     """Runs the model eagerly in inference mode and pools the inputs of `layers`.
 
@@ -126,7 +131,7 @@ def collect(model, dataset, layers, num_batches, progress, title, refuse_non_fin
     bar = None
     if progress:
         print(f"recompute_statistics: {title}")
-        bar = keras.utils.Progbar(expected_batches(dataset, num_batches), unit_name="batch")
+        bar = progress_bar(dataset, num_batches)
     try:
         for batch in dataset:
             if num_batches is not None and batches >= num_batches:

@@ -61,7 +61,7 @@ def input_moments(layer, inputs, mask):
     Args:
         layer: The BN layer (its axes say which axes are features).
         inputs: The tensor the layer is called on.
-        mask: The call's mask (without the feature axes), or None.
+        mask: The call's Keras mask (the input's shape without the last axis), or None.
 
     Returns:
         `(count, mean, variance)` float32 tensors.
@@ -70,9 +70,9 @@ def input_moments(layer, inputs, mask):
     rank = x.shape.rank
     axes = introspection.feature_axes(layer, rank)
     if mask is not None:
-        mask = tf.cast(mask, tf.float32)
-        for axis in axes:
-            mask = tf.expand_dims(mask, axis)
+        # Keras' convention, as the layers apply it: the mask is the input's shape
+        # without the last axis, whichever axes are features.
+        mask = tf.expand_dims(tf.cast(mask, tf.float32), -1)
     reduction = [axis for axis in range(rank) if axis not in axes]
     stats = moments_lib.batch_moments(x, reduction, mask=mask)
     return stats.count, stats.mean, stats.variance

@@ -51,7 +51,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-import keras
 import numpy as np
 
 from tfbn.layers import introspection
@@ -169,7 +168,7 @@ def _recompute_by_rounds(plan, dataset, num_batches, progress, max_cache_bytes):
     bar = None
     if progress:
         print(f"recompute_statistics: {len(rounds)} rounds (BN dependency levels), in batches")
-        bar = _progress_bar(dataset, num_batches)
+        bar = dataset_passes.progress_bar(dataset, num_batches)
     records: dict[int, list] = {}
     frontiers: list = []  # The first batches' frontiers, as many as the cache holds.
     cached = 0
@@ -282,12 +281,6 @@ def _one_shot_message(passes):
         f"The BN layers of this model form chains of {passes} layers, which need "
         "that many passes over the data, but `dataset` is a one-shot iterator. "
         "Pass a tf.data.Dataset or a list of batches."
-    )
-
-
-def _progress_bar(dataset, num_batches):
-    return keras.utils.Progbar(
-        dataset_passes.expected_batches(dataset, num_batches), unit_name="batch"
     )
 
 

@@ -135,11 +135,8 @@ def _variable_name(variable) -> str:
 
 def _warn_about_statistics(argument: str, variables) -> None:
     """Warns when variables to train include BN moving statistics."""
-    statistics = [
-        _variable_name(v)
-        for v in variables
-        if _variable_name(v).rsplit("/", 1)[-1] in STATISTIC_NAMES
-    ]
+    names = [_variable_name(v) for v in variables]
+    statistics = [name for name in names if name.rsplit("/", 1)[-1] in STATISTIC_NAMES]
     if statistics:
         warnings.warn(
             f"`{argument}` contains {len(statistics)} BN moving-statistics variable(s): "
