@@ -20,7 +20,7 @@ os.environ.setdefault("TFBN_QUIET_STARTUP", "1")
 from absl import app, flags, logging  # noqa: E402
 
 from tfbn import _startup  # noqa: E402
-from tfbn.finetune import distribution, trainer  # noqa: E402
+from tfbn.finetune import distribution, skip_limit, trainer  # noqa: E402
 from tfbn.finetune import flags as tfbn_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -50,7 +50,7 @@ def main(argv):
             distribution.configure_logical_cpus(config.num_cpu_devices)
             strategy = distribution.make_strategy(config.strategy)
         trainer.train(config, strategy)
-    except trainer.NonFiniteTrainingError as error:
+    except skip_limit.NonFiniteTrainingError as error:
         # The run diverged; the checkpoints written so far are kept. Not a bug in
         # tfbn, so the message is the whole story: no traceback.
         sys.exit(f"train.py: {error}")

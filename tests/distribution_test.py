@@ -10,13 +10,13 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+import train_py
 from trainer_test import DATA_DIR, MOMENTUM, REPO, loss_of, read_text, small_model, smoke_config
 
 import tfbn
@@ -267,17 +267,14 @@ def start_workers(model_dir, ports, train_steps, log_dir):
             TF_CPP_MIN_LOG_LEVEL="2",
             TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
         )
-        command = [
-            sys.executable,
-            os.path.join(REPO, "train.py"),
-            f"--flagfile={REPO}/configs/smoke.flags",
+        command = train_py.command(
             f"--model_dir={model_dir}",
             f"--data_dir={DATA_DIR}",
             "--strategy=multi_worker",
             "--sync_bn",
             f"--train_steps={train_steps}",
             "--checkpoint_interval=2",
-        ]
+        )
         # Closed by the subprocess's exit; the test reads it afterwards.
         log = open(os.path.join(log_dir, f"worker{index}.log"), "ab")  # noqa: SIM115
         processes.append(

@@ -2,12 +2,12 @@
 
 import os
 import subprocess
-import sys
 import tempfile
 
 import numpy as np
 import pytest
 import tensorflow as tf
+import train_py
 from absl import flags
 
 from tfbn.finetune import flags as tfbn_flags
@@ -122,14 +122,11 @@ def test_library_messages_are_reworded_with_flag_names():
 
 def test_train_py_ends_a_pattern_that_matches_nothing_with_a_usage_error(tmp_path):
     process = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPO, "train.py"),
-            f"--flagfile={REPO}/configs/smoke.flags",
+        train_py.command(
             f"--model_dir={tmp_path}",
             f"--data_dir={DATA_DIR}",
             "--update_part=hed/",
-        ],
+        ),
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -142,13 +139,10 @@ def test_train_py_ends_a_pattern_that_matches_nothing_with_a_usage_error(tmp_pat
 
 def test_train_py_rejects_an_infinite_learning_rate_before_training(tmp_path):
     process = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPO, "train.py"),
-            f"--flagfile={REPO}/configs/smoke.flags",
+        train_py.command(
             f"--model_dir={tmp_path / 'run'}",
             "--learning_rate=inf",
-        ],
+        ),
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -168,13 +162,10 @@ def test_train_py_reports_an_image_folder_class_mismatch_as_a_dataset_usage_erro
             pixels = np.full((8, 8, 3), 128, np.uint8)
             tf.io.write_file(str(directory / "0.jpg"), tf.io.encode_jpeg(pixels))
     process = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPO, "train.py"),
-            f"--flagfile={REPO}/configs/smoke.flags",
+        train_py.command(
             f"--model_dir={tmp_path / 'run'}",
             f"--dataset=folder:{tmp_path / 'images'}",
-        ],
+        ),
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -18,6 +18,7 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
+import train_py
 from trainer_test import DATA_DIR, REPO, smoke_config
 
 from tfbn.finetune import checkpoint_files, outputs, run_directory, trainer
@@ -111,13 +112,10 @@ def test_second_trainer_is_refused_and_a_killed_holder_frees_the_lock(tmp_path):
         assert holder.stdout.readline() == "locked\n"
         # Another process: a whole train.py run on the same directory.
         second = subprocess.run(
-            [
-                sys.executable,
-                os.path.join(REPO, "train.py"),
-                f"--flagfile={REPO}/configs/smoke.flags",
+            train_py.command(
                 f"--model_dir={model_dir}",
                 f"--data_dir={DATA_DIR}",
-            ],
+            ),
             cwd=REPO,
             capture_output=True,
             text=True,

@@ -4,7 +4,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -12,13 +11,14 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+import train_py
 from absl import flags
 
 import tfbn
 from benchmarks.trainer import write_image_folder
 from tfbn.finetune import checkpoint as checkpoint_lib
 from tfbn.finetune import flags as tfbn_flags
-from tfbn.finetune import trainer
+from tfbn.finetune import skip_limit, trainer
 from tfbn.layers import introspection
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -161,15 +161,12 @@ def test_export_writes_keras_and_saved_model(tmp_path):
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     killed_dir = str(tmp_path / "killed")
-    command = [
-        sys.executable,
-        os.path.join(REPO, "train.py"),
-        f"--flagfile={REPO}/configs/smoke.flags",
+    command = train_py.command(
         f"--model_dir={killed_dir}",
         f"--data_dir={DATA_DIR}",
         "--train_steps=100000",
         "--checkpoint_interval=3",
-    ]
+    )
     process = subprocess.Popen(
         command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -247,7 +244,7 @@ def test_a_run_whose_steps_keep_being_skipped_stops_with_an_error(tmp_path):
     run.initialize()
     _poison_last_kernel(run)
     with pytest.raises(
-        trainer.NonFiniteTrainingError, match=r"3 consecutive steps \(steps 1 to 3\)"
+        skip_limit.NonFiniteTrainingError, match=r"3 consecutive steps \(steps 1 to 3\)"
     ):
         run.train()
     assert int(run.step.global_step.numpy()) == 3
@@ -266,28 +263,15 @@ def test_skip_limit_zero_lets_a_skipping_run_finish(tmp_path):
     assert (result.global_step, result.skipped_steps) == (4, 4)
 
 
-def test_skip_streak_counts_only_consecutive_skips():
-    streak = trainer._SkipStreak(3)
-    for step, applied in enumerate([False, False, True, False, False, True], start=1):
-        streak.add(step, applied)
-    streak.add(7, applied=False)
-    streak.add(8, applied=False)
-    with pytest.raises(trainer.NonFiniteTrainingError, match=r"steps 7 to 9.*now 0.5"):
-        streak.add(9, applied=False, learning_rate=0.5)
-
-
 def _peak_rss_mb_of_training(model_dir, dataset):
     """Peak resident memory (MB) of a `train.py` process that trains 3 steps on `dataset`."""
-    command = [
-        sys.executable,
-        os.path.join(REPO, "train.py"),
-        f"--flagfile={REPO}/configs/smoke.flags",
+    command = train_py.command(
         f"--model_dir={model_dir}",
         f"--dataset={dataset}",
         "--image_size=64",
         "--train_steps=3",
         "--checkpoint_interval=3",
-    ]
+    )
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     stderr = process.stderr.read()
     _, status, usage = os.wait4(process.pid, 0)

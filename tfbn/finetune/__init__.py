@@ -23,6 +23,8 @@ Modules:
 * `run_directory`: the run directory's lock, saved configuration and the
   changed-flags check on resume.
 * `keras_fit`: `partial_finetune`, the same plan and BN modes for `model.fit`.
+* `skip_limit`: `SkipStreak`, stopping a run whose steps keep being skipped
+  as non-finite.
 * `trainer`: the `Trainer` object (initialize, train, evaluate,
   write_report, export) and `train(config)`.
 * `outputs`: console reporter, logs, BN report and export of the chief;

@@ -300,3 +300,30 @@ def distribute_batch(strategy: tf.distribute.Strategy, images, labels):
         return images[start : start + per_replica], labels[start : start + per_replica]
 
     return strategy.experimental_distribute_values_from_function(slice_for)
+
+
+def local_batch_rows(strategy: tf.distribute.Strategy, batch_size: int) -> tuple[int, int] | None:
+    """The rows of each global batch that this worker's replicas train on.
+
+    `distribution.distribute_batch` gives replica `r` rows
+    `[r * per_replica, (r + 1) * per_replica)`; a multi-worker worker holds
+    consecutive replicas, so it reads only their rows (its shard) and
+    never decodes the other workers' images.
+
+    Args:
+        strategy: The run's strategy.
+        batch_size: The global batch.
+
+    Returns:
+        `(begin, end)`, or None when this process holds every replica.
+    """
+    ids = strategy.experimental_local_results(
+        strategy.experimental_distribute_values_from_function(
+            lambda context: context.replica_id_in_sync_group
+        )
+    )
+    ids = sorted(int(replica) for replica in ids)
+    if len(ids) == strategy.num_replicas_in_sync or ids != list(range(ids[0], ids[-1] + 1)):
+        return None
+    per_replica = batch_size // strategy.num_replicas_in_sync
+    return ids[0] * per_replica, (ids[-1] + 1) * per_replica

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 import tensorflow as tf
@@ -155,3 +156,41 @@ class RunLogger:
         for writer in self._writers.values():
             writer.close()
         self._jsonl.close()
+
+
+class MetricsWindow:
+    """Loss and accuracy of the applied steps since the last log, and the step rate."""
+
+    def __init__(self):
+        self._reset()
+
+    def _reset(self):
+        self.losses, self.accuracies, self.steps = [], [], 0
+        self.start = time.perf_counter()
+
+    def add(self, loss: float | None, accuracy: float | None) -> None:
+        """Counts one step; None values (a skipped step) only count the step.
+
+        Args:
+            loss: The step's loss, or None.
+            accuracy: The step's accuracy, or None.
+        """
+        self.steps += 1
+        if loss is not None:
+            self.losses.append(loss)
+            self.accuracies.append(accuracy)
+
+    def flush(self) -> dict[str, float]:
+        """The window's mean loss and accuracy and its steps/sec; starts a new window.
+
+        Returns:
+            `{"loss", "accuracy", "steps_per_sec"}`; NaN means without an applied step.
+        """
+        elapsed = time.perf_counter() - self.start
+        metrics = {
+            "loss": float(np.mean(self.losses)) if self.losses else float("nan"),
+            "accuracy": float(np.mean(self.accuracies)) if self.accuracies else float("nan"),
+            "steps_per_sec": self.steps / max(elapsed, 1e-9),
+        }
+        self._reset()
+        return metrics

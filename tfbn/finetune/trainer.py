@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import time
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from tfbn import data as data_lib
@@ -33,16 +31,14 @@ from tfbn.finetune import (
     optimizers,
     partial_restore,
     patterns,
+    skip_limit,
+    summaries,
     train_step,
 )
 from tfbn.finetune.config import TrainConfig
 from tfbn.finetune.outputs import ChiefOutputs, Reporter, WorkerOutputs
 from tfbn.finetune.update_plan import UpdatePlan, plan_update
 from tfbn.layers import introspection
-
-
-class NonFiniteTrainingError(RuntimeError):
-    """Too many consecutive steps were skipped because they were not finite."""
 
 
 @dataclasses.dataclass
@@ -350,11 +346,11 @@ class Trainer:
             config.seed,
             start,
             config.train_steps,
-            rows=_local_rows(self.strategy, config.batch_size),
+            rows=distribution.local_batch_rows(self.strategy, config.batch_size),
         )
         self.reporter.start_progress(config.train_steps)
-        window = _MetricsWindow()
-        streak = _SkipStreak(config.max_consecutive_skipped_steps)
+        window = summaries.MetricsWindow()
+        streak = skip_limit.SkipStreak(config.max_consecutive_skipped_steps)
         last_saved = None
         for images, labels in batches:
             outputs = self.step(*distribution.distribute_batch(self.strategy, images, labels))
@@ -448,111 +444,6 @@ class Trainer:
         return self.result
 
 
-class _SkipStreak:
-    """Counts consecutive skipped steps and stops a run that keeps skipping.
-
-    A skipped step changes no weight, so a run whose steps are all skipped
-    would otherwise "finish" with the model it started from and exit 0.
-    """
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.length = 0
-        self.first_step = None
-
-    def add(self, step: int, applied: bool, learning_rate: float | None = None) -> None:
-        """Records one step's verdict.
-
-        Args:
-            step: The global step just taken.
-            applied: Whether the step was applied (False: skipped as non-finite).
-            learning_rate: The configured learning rate, quoted in the error.
-
-        Raises:
-            NonFiniteTrainingError: When `limit` (> 0) steps in a row were skipped.
-        """
-        if applied:
-            self.length, self.first_step = 0, None
-            return
-        self.length += 1
-        if self.first_step is None:
-            self.first_step = step
-        if self.limit and self.length >= self.limit:
-            raise NonFiniteTrainingError(
-                f"{self.length} consecutive steps (steps {self.first_step} to {step}) were "
-                "skipped because the loss or a gradient was not finite, so training "
-                "changes nothing any more: the model has diverged or the data holds "
-                f"NaN/inf values. Lower `learning_rate` (now {learning_rate!r}), check "
-                "the input data, or raise `max_consecutive_skipped_steps` (now "
-                f"{self.limit}; 0 never stops). Checkpoints already written are kept."
-            )
-
-
-def _local_rows(strategy: tf.distribute.Strategy, batch_size: int) -> tuple[int, int] | None:
-    """The rows of each global batch that this worker's replicas train on.
-
-    `distribution.distribute_batch` gives replica `r` rows
-    `[r * per_replica, (r + 1) * per_replica)`; a multi-worker worker holds
-    consecutive replicas, so it reads only their rows (its shard) and
-    never decodes the other workers' images.
-
-    Args:
-        strategy: The run's strategy.
-        batch_size: The global batch.
-
-    Returns:
-        `(begin, end)`, or None when this process holds every replica.
-    """
-    ids = strategy.experimental_local_results(
-        strategy.experimental_distribute_values_from_function(
-            lambda context: context.replica_id_in_sync_group
-        )
-    )
-    ids = sorted(int(replica) for replica in ids)
-    if len(ids) == strategy.num_replicas_in_sync or ids != list(range(ids[0], ids[-1] + 1)):
-        return None
-    per_replica = batch_size // strategy.num_replicas_in_sync
-    return ids[0] * per_replica, (ids[-1] + 1) * per_replica
-
-
-class _MetricsWindow:
-    """Loss and accuracy of the applied steps since the last log, and the step rate."""
-
-    def __init__(self):
-        self._reset()
-
-    def _reset(self):
-        self.losses, self.accuracies, self.steps = [], [], 0
-        self.start = time.perf_counter()
-
-    def add(self, loss: float | None, accuracy: float | None) -> None:
-        """Counts one step; None values (a skipped step) only count the step.
-
-        Args:
-            loss: The step's loss, or None.
-            accuracy: The step's accuracy, or None.
-        """
-        self.steps += 1
-        if loss is not None:
-            self.losses.append(loss)
-            self.accuracies.append(accuracy)
-
-    def flush(self) -> dict[str, float]:
-        """The window's mean loss and accuracy and its steps/sec; starts a new window.
-
-        Returns:
-            `{"loss", "accuracy", "steps_per_sec"}`; NaN means without an applied step.
-        """
-        elapsed = time.perf_counter() - self.start
-        metrics = {
-            "loss": float(np.mean(self.losses)) if self.losses else float("nan"),
-            "accuracy": float(np.mean(self.accuracies)) if self.accuracies else float("nan"),
-            "steps_per_sec": self.steps / max(elapsed, 1e-9),
-        }
-        self._reset()
-        return metrics
-
-
 def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> TrainResult:
     """Runs (or resumes) one training run described by `config`.
 
@@ -569,7 +460,7 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -
             fit, a batch that does not split over the replicas, and unusable
             data; `run_directory.RunDirectoryInUseError` (a `ValueError`) when
             another run holds `model_dir`.
-        NonFiniteTrainingError: When `max_consecutive_skipped_steps` steps in
+        skip_limit.NonFiniteTrainingError: When `max_consecutive_skipped_steps` steps in
             a row were skipped as non-finite.
     """
     return Trainer(config, strategy).run()
