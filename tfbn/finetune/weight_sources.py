@@ -34,8 +34,8 @@ import tensorflow as tf
 
 from tfbn.finetune.checkpoint import OBJECT_GRAPH_KEY
 from tfbn.layers import introspection
+from tfbn.models import model_file
 
-KERAS_SUFFIX = ".keras"
 WEIGHTS_SUFFIX = ".weights.h5"
 # TF1 / slim weight names that Keras 3 layers call differently.
 TF1_RENAMES = {"weights": "kernel", "biases": "bias", "depthwise_kernel": "kernel"}
@@ -55,7 +55,7 @@ def is_weights_file(source: str) -> bool:
     Returns:
         True for the two Keras file formats.
     """
-    return source.endswith((KERAS_SUFFIX, WEIGHTS_SUFFIX))
+    return model_file.is_model_file(source) or source.endswith(WEIGHTS_SUFFIX)
 
 
 def read_weights_file(source: str, model: keras.Model | None = None) -> dict[str, np.ndarray]:
@@ -75,27 +75,14 @@ def read_weights_file(source: str, model: keras.Model | None = None) -> dict[str
     """
     if not tf.io.gfile.exists(source):
         raise ValueError(f"`init_checkpoint` {source!r} does not exist.")
-    if source.endswith(KERAS_SUFFIX):
-        loaded = _load_keras_file(source)
+    if model_file.is_model_file(source):
+        loaded = model_file.load_model_file(source, argument="init_checkpoint")
     else:
         loaded = _load_weights_into_copy(source, model)
     return {
         path: np.array(keras.ops.convert_to_numpy(variable.value))
         for path, variable in introspection.nested_variable_paths(loaded).items()
     }
-
-
-def _load_keras_file(source: str) -> keras.Model:
-    # The tfbn classes a saved model may contain register themselves on import.
-    from tfbn import models  # noqa: F401
-
-    try:
-        return keras.saving.load_model(source, compile=False)
-    except (TypeError, ValueError, OSError) as error:
-        raise ValueError(
-            f"`init_checkpoint` {source!r} does not load as a Keras model: "
-            f"{str(error)[:300]}. Import the module that defines its custom layers first."
-        ) from None
 
 
 def _load_weights_into_copy(source: str, model: keras.Model | None) -> keras.Model:

@@ -50,11 +50,12 @@ def check_model_file(path: str) -> str | None:
     return None
 
 
-def load_model_file(path: str) -> keras.Model:
+def load_model_file(path: str, argument: str = "model") -> keras.Model:
     """The model saved in `path`: architecture and weights, without its compile state.
 
     Args:
         path: A `.keras` file.
+        argument: The argument (flag) that named the file, for error messages.
 
     Returns:
         The loaded model.
@@ -65,17 +66,19 @@ def load_model_file(path: str) -> keras.Model:
     """
     problem = check_model_file(path)
     if problem:
-        raise ValueError(f"`model` {path!r}: {problem}.")
+        raise ValueError(f"`{argument}` {path!r}: {problem}.")
     try:
         model = keras.saving.load_model(path, compile=False)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, OSError) as error:
         raise ValueError(
-            f"`model` {path!r} does not load: {str(error)[:400]}. Import the module that "
+            f"`{argument}` {path!r} does not load: {str(error)[:400]}. Import the module that "
             "defines its custom layers (decorated with "
             "@keras.saving.register_keras_serializable) before training."
         ) from None
     if not isinstance(model, keras.Model):
-        raise ValueError(f"`model` {path!r} holds a {type(model).__name__}, not a keras.Model.")
+        raise ValueError(
+            f"`{argument}` {path!r} holds a {type(model).__name__}, not a keras.Model."
+        )
     return model
 
 
