@@ -315,9 +315,18 @@ def write_state_file(search: CheckpointSearch) -> None:
             timestamps.append(os.path.getmtime(path + ".index"))
         except OSError:
             timestamps.append(0.0)
-    tf.compat.v1.train.update_checkpoint_state(
-        search.directory,
-        search.latest,
-        all_model_checkpoint_paths=paths,
-        all_model_checkpoint_timestamps=timestamps,
-    )
+    # The TF1 function is the public way to write this file; its deprecation
+    # notice (use CheckpointManager, which cannot adopt existing files) would
+    # only confuse the user reading the resume warning just above it.
+    tf_logger = tf.get_logger()
+    level = tf_logger.level
+    tf_logger.setLevel("ERROR")
+    try:
+        tf.compat.v1.train.update_checkpoint_state(
+            search.directory,
+            search.latest,
+            all_model_checkpoint_paths=paths,
+            all_model_checkpoint_timestamps=timestamps,
+        )
+    finally:
+        tf_logger.setLevel(level)
