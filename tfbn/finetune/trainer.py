@@ -66,26 +66,6 @@ class TrainResult:
     bn_rows: list[dict] | None = None
 
 
-def describe_sets(plan: UpdatePlan, restore_selected=None, restore_source=None) -> str:
-    """The restore / update / freeze / BN sets as text (what a dry run prints).
-
-    Args:
-        plan: The update plan.
-        restore_selected: Variable paths a partial restore would assign, if any.
-        restore_source: The checkpoint prefix or weights file they come from.
-
-    Returns:
-        The text, one item a line.
-    """
-    lines = []
-    if restore_selected is not None:
-        lines.append(f"Restore set ({len(restore_selected)} variables from {restore_source}):")
-        lines += [f"  {path}" for path in restore_selected]
-    # The update, frozen and BN sets, by the nested paths the patterns matched.
-    lines.append(plan.describe())
-    return "\n".join(lines)
-
-
 class Trainer:
     """One training (or fine-tune) run described by a `TrainConfig`.
 
@@ -203,14 +183,20 @@ class Trainer:
         """The restore, update, frozen and BN sets of this run, as text.
 
         Returns:
-            What `describe_sets` prints, including the restore set when
-            `init_checkpoint` is set.
+            The restore set (when `init_checkpoint` is set), then the update,
+            frozen and BN sets by the nested paths the patterns matched.
 
         Raises:
             ValueError: If a restore pattern matches nothing or a selected
                 variable is missing from the checkpoint.
         """
-        selected = source = None
+        lines = []
+        if models_lib.is_model_file(self.config.model):
+            size = self.train_split.image_shape[0]
+            lines.append(
+                f"Model {self.config.model}: architecture and weights from the file; images "
+                f"resized to {size}x{size}, its input size."
+            )
         if self.config.init_checkpoint:
             source, values = partial_restore.read_restore_source(
                 self.config.init_checkpoint, self.model
@@ -221,14 +207,10 @@ class Trainer:
                 self.config.restore_part,
                 self.config.restore_exclude,
             )
-        text = describe_sets(self.plan, selected, source)
-        if models_lib.is_model_file(self.config.model):
-            size = self.train_split.image_shape[0]
-            text = (
-                f"Model {self.config.model}: architecture and weights from the file; images "
-                f"resized to {size}x{size}, its input size.\n" + text
-            )
-        return text
+            lines.append(f"Restore set ({len(selected)} variables from {source}):")
+            lines += [f"  {path}" for path in selected]
+        lines.append(self.plan.describe())
+        return "\n".join(lines)
 
     def _restore(self) -> None:
         """Resumes from `model_dir`, else restores `init_checkpoint` partially.
